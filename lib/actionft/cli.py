@@ -1,0 +1,35 @@
+"""The `actionft` command line: one subcommand per stage, each a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from actionft.errors import ActionftError
+
+# subcommand -> module that defines `add_parser(subparsers)`; each parser sets `func` to its entry point.
+SUBCOMMANDS = {
+    "validate": "actionft.data",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actionft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ActionftError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
