@@ -10,7 +10,12 @@ from actionft.errors import ActionftError
 
 # subcommand -> module that defines `add_parser(subparsers)`; each parser sets `func` to its entry point.
 SUBCOMMANDS = {
+    "predict": "actionft.infer",
+    "train": "actionft.train",
+    "tiny-base": "actionft.pretrain",
+    "synth": "actionft.synth",
     "validate": "actionft.data",
+    "prepare": "actionft.prepare",
 }
 
 

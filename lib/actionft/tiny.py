@@ -77,8 +77,8 @@ TINY_DEFAULTS = {
     "vision_layers": 2,
     "vision_heads": 4,
     "vision_head_dim": 24,
-    "patch_size": 8,
-    "pooling_kernel_size": 3,
+    "patch_size": 12,
+    "pooling_kernel_size": 2,
     "init_std": 0.05,
 }
 

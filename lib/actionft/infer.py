@@ -1,0 +1,146 @@
+"""Inference: base + LoRA adapter (as the reference model card loads it), batched greedy answers, label scoring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from actionft import DEFAULT_PROMPT
+from actionft.collate import END_OF_TURN, Collator
+from actionft.data import Sample
+from actionft.errors import ActionftError
+
+
+def load_for_inference(model_id: str, adapter_dir: str | Path | None = None, bf16: bool = False,
+                       device: str | None = None):
+    """Base model (+ adapter via `PeftModel.from_pretrained(base, adapter_dir)`), in eval mode, and its processor.
+
+    `adapter_dir` may also be a merged model folder (from `merge_adapter`), which is then loaded as the base.
+    """
+    from actionft.modeling import default_device, load_model, load_processor
+
+    device = device or default_device()
+    adapter = Path(adapter_dir) if adapter_dir else None
+    if adapter is not None and not adapter.is_dir():
+        raise ActionftError(f"adapter folder {adapter} does not exist; train first (notebook 04 or actionft train)")
+    if adapter is not None and (adapter / "config.json").is_file() and not (adapter / "adapter_config.json").is_file():
+        model_id, adapter = str(adapter), None  # a merged model
+    processor = load_processor(str(adapter) if adapter and (adapter / "processor_config.json").is_file() else model_id)
+    model = load_model(model_id, bf16=bf16)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (adapter / "adapter_config.json").is_file():
+            raise ActionftError(f"{adapter} holds no adapter_config.json; is it an adapter folder?")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(device).eval()
+    return model, processor
+
+
+def merge_adapter(model_id: str, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold the LoRA weights into the base (`merge_and_unload`) and save a standalone model + processor."""
+    model, processor = load_for_inference(model_id, adapter_dir, device="cpu")
+    merged = model.merge_and_unload()
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate_answers(model, processor, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 40,
+                     max_soft_tokens: int = 280, num_frames: int = 4, progress: bool = True) -> list[str]:
+    """Greedy answers for `samples` (their own prompts), batched with left padding."""
+    from tqdm.auto import tqdm
+
+    collator = Collator(processor, max_soft_tokens=max_soft_tokens, for_generation=True, num_frames=num_frames)
+    tok = processor.tokenizer
+    stop = [tok.convert_tokens_to_ids(END_OF_TURN), tok.eos_token_id]
+    answers: list[str] = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="generate", disable=not progress, leave=False):
+        batch = _to(collator(samples[start:start + batch_size]), _device_of(model))
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+@torch.no_grad()
+def score_candidates(model, processor, samples: list[Sample], candidates: list[list[str]],
+                     max_soft_tokens: int = 280, num_frames: int = 4, progress: bool = True) -> list[list[float]]:
+    """Log-likelihood (sum over answer tokens + end of turn) of every candidate answer for every sample.
+
+    Each sample's candidates share its frames and prompt and are scored in one batch.
+    """
+    from tqdm.auto import tqdm
+
+    collator = Collator(processor, max_soft_tokens=max_soft_tokens, num_frames=num_frames, padding_side="left")
+    scores = []
+    for sample, cands in zip(tqdm(samples, desc="score labels", disable=not progress, leave=False), candidates):
+        variants = [Sample(sample.index, sample.clip_id, sample.prompt, c, sample.frames, sample.video, sample.meta)
+                    for c in cands]
+        batch = _to(collator(variants), _device_of(model))
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = labels[:, 1:]
+        mask = target != -100
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores.append((picked * mask).sum(-1).tolist())
+    return scores
+
+
+def frames_sample(paths: list[str], prompt: str = DEFAULT_PROMPT, num_frames: int = 4) -> Sample:
+    """A sample from frame files, or from one video file (`num_frames` frames at segment centres)."""
+    if len(paths) == 1 and Path(paths[0]).suffix.lower() in {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v"}:
+        from actionft.frames import read_frames
+
+        frames, _, _ = read_frames(paths[0], num_frames=num_frames)
+        return Sample(0, Path(paths[0]).stem, prompt, "", frames=frames)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ActionftError(f"frame file(s) not found: {', '.join(missing)}")
+    return Sample(0, Path(paths[0]).parent.name, prompt, "", frames=[Path(p) for p in paths])
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="answer for frames or a clip with a fine-tuned adapter")
+    p.add_argument("inputs", nargs="+", help="frame image files (in order) or one video file")
+    p.add_argument("--adapter", help="adapter folder (adapter_config.json) or merged model folder")
+    p.add_argument("--model-id", default="tiny", help="base model: 'tiny', a hub id or a folder (default: tiny)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--num-frames", type=int, default=4, help="frames sampled from a video input")
+    p.add_argument("--max-soft-tokens", type=int, default=None, help="soft tokens per frame (default: the "
+                   "adapter's training value from train_summary, else 280)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=_cli_predict)
+    m = sub.add_parser("merge", help="merge an adapter into its base model (merge_and_unload) and save it")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--model-id", default="tiny")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=lambda a: print(merge_adapter(a.model_id, a.adapter, a.out)) or 0)
+
+
+def _cli_predict(args: argparse.Namespace) -> int:
+    budget = args.max_soft_tokens
+    if budget is None and args.adapter:
+        cfg_file = Path(args.adapter).parent / "train_config.json"
+        budget = json.loads(cfg_file.read_text()).get("max_soft_tokens") if cfg_file.is_file() else None
+    sample = frames_sample(args.inputs, args.prompt, args.num_frames)
+    model, processor = load_for_inference(args.model_id, args.adapter)
+    answer = generate_answers(model, processor, [sample], max_soft_tokens=budget or 280,
+                              max_new_tokens=args.max_new_tokens, progress=False)[0]
+    print(answer)
+    return 0

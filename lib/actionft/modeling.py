@@ -1,0 +1,96 @@
+"""Loading Gemma 4 (tiny or real) and its processor through one `from_pretrained` code path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from actionft.errors import ActionftError
+
+REAL_MODEL_ID = "google/gemma-4-e4b-it"
+TINY_ALIAS = "tiny"
+# The pretrained tiny base ships with the package (a few MB); `actionft tiny-base` regenerates it.
+TINY_BASE_DIR = Path(__file__).parent / "assets" / "tiny-gemma4"
+
+
+def repo_root() -> Path:
+    """The checkout this package was installed from (editable install), else the current directory."""
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+def resolve_path(path: str | Path | None) -> Path | None:
+    """Relative paths in params files are relative to the repository root, wherever a notebook runs."""
+    if path is None or path == "":
+        return None
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else repo_root() / path
+
+
+def resolve_model_id(model_id: str) -> str:
+    """'tiny' -> the packaged tiny base; an existing folder -> itself; anything else is a hub id."""
+    if model_id == TINY_ALIAS:
+        if not (TINY_BASE_DIR / "config.json").is_file():
+            raise ActionftError(
+                f"the tiny base model is missing from {TINY_BASE_DIR}; rebuild it with "
+                f"`actionft tiny-base --out {TINY_BASE_DIR}` (about 30 minutes on 2 CPU cores)"
+            )
+        return str(TINY_BASE_DIR)
+    local = resolve_path(model_id)
+    if local is not None and local.exists():
+        if not (local / "config.json").is_file():
+            raise ActionftError(f"{local} exists but holds no config.json; point model_id at a model folder")
+        return str(local)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise ActionftError(f"model folder {model_id} does not exist")
+    return model_id
+
+
+def _missing_weights_error(model_id: str, err: Exception) -> ActionftError:
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return ActionftError(
+        f"cannot load {model_id!r}: its files are not in the local Hugging Face cache ({cache}) and could not be "
+        "downloaded" + (" (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "") + ".\n"
+        "  To get them, on a machine with internet: accept the Gemma licence on huggingface.co, then\n"
+        f"    hf auth login && hf download {model_id}\n"
+        "  or copy a downloaded model folder here and set model_id to its path.\n"
+        f"  ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    )
+
+
+def load_processor(model_id: str):
+    """The model's processor (tokenizer, chat template, image and video processors)."""
+    from transformers import AutoProcessor
+
+    resolved = resolve_model_id(model_id)
+    try:
+        return AutoProcessor.from_pretrained(resolved)
+    except OSError as err:
+        raise _missing_weights_error(model_id, err) from None
+
+
+def torch_dtype(bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def load_model(model_id: str, bf16: bool = False, device: str | None = None, attn_implementation: str | None = None):
+    """`Gemma4ForConditionalGeneration.from_pretrained` for the tiny or the real model, with a clear error."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    resolved = resolve_model_id(model_id)
+    kwargs = {"dtype": torch_dtype(bf16)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = Gemma4ForConditionalGeneration.from_pretrained(resolved, **kwargs)
+    except OSError as err:
+        raise _missing_weights_error(model_id, err) from None
+    if device:
+        model.to(device)
+    return model
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
