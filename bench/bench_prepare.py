@@ -1,0 +1,178 @@
+"""Benchmark: seek-based `read_frames` against decoding every frame and then subsampling.
+
+Generates N H.264 clips (default 12 x 10 s, 640x360, 25 fps, textured moving content) in a temporary folder, then
+times, on the same clips and in one process each (a fresh subprocess per method, so peak RSS is honest):
+
+  (a) seek:  `actionft.frames.read_frames(path, 4, size=336)`, single process
+  (b) naive: decode every frame to an RGB array in a list, pick 4 uniformly, resize/crop those 4 to 336
+
+and prints clips/s, the speed ratio and peak memory: the peak RSS of the process and its rise over the RSS after
+imports (FFmpeg's frame buffers live outside Python's allocator, so tracemalloc would not see them).
+
+    .venv/bin/python bench/bench_prepare.py [--clips 12] [--seconds 10] [--fps 25] [--size 640x360] [--gop 250]
+
+`--gop` is the keyframe interval in frames (250 = libx264's default: one keyframe in a 10 s clip, the hardest case
+for seeking; YouTube-style files often have one every 2-5 s). `--content noise` makes every frame a P-frame
+(high-entropy texture, no B-frames), the worst case: nothing can be skipped between keyframes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_clip(path: Path, seconds: float, fps: int, width: int, height: int, gop: int, seed: int,
+              content: str = "smooth") -> None:
+    """A synthetic clip with motion.
+
+    "smooth": a smooth scrolling texture, three moving blocks and light grain; like natural video, libx264 codes
+    most of it as B-frames. "noise": scrolling high-entropy noise coded without B-frames (about 3.5x the bitrate),
+    the worst case for a seeking reader: every frame up to the last sample time has to be decoded.
+    """
+    import av
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    if content == "smooth":
+        small = rng.integers(0, 256, (height // 20, width // 10, 3), dtype=np.uint8)
+        texture = np.asarray(Image.fromarray(small).resize((width * 2, height), Image.Resampling.BICUBIC))
+    else:
+        texture = rng.integers(0, 256, (height, width * 2, 3), dtype=np.uint8)
+    n = int(seconds * fps)
+    with av.open(str(path), "w") as out:
+        options = {"preset": "veryfast", "crf": "23"}
+        if content == "noise":
+            options["bf"] = "0"
+        stream = out.add_stream("libx264", rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop
+        for i in range(n):
+            x = (i * 2) % width
+            img = np.ascontiguousarray(texture[:, x : x + width])
+            for k in range(3):
+                bx = int((width - 80) * (0.5 + 0.5 * np.sin(i / (15 + 7 * k) + k)))
+                by = int((height - 80) * (0.5 + 0.5 * np.cos(i / (20 + 5 * k) + 2 * k)))
+                img[by : by + 80, bx : bx + 80] = (60 * k + 40, 200 - 50 * k, (i * 3) % 256)
+            if content == "smooth":
+                grain = rng.integers(-6, 7, img.shape, dtype=np.int16)
+                img = np.clip(img.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def read_all_frames_then_sample(path, num_frames: int = 4, size: int | None = 336):
+    """The naive baseline: decode every frame into a list of RGB arrays, then pick `num_frames` uniformly."""
+    import av
+    from PIL import Image
+
+    from actionft.frames import resize_center_crop
+
+    with av.open(str(path)) as container:
+        arrays = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    n = len(arrays)
+    picks = [arrays[min(n - 1, int((i + 0.5) * n / num_frames))] for i in range(num_frames)]
+    images = [Image.fromarray(a) for a in picks]
+    return [resize_center_crop(img, size) for img in images] if size else images
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process in MiB: VmHWM (reset by exec, unlike ru_maxrss, which keeps the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; macOS: bytes (roughly)
+
+
+def run_one(method: str, clips: list[str], repeat: int = 1) -> dict:
+    """Time one method over the clips in this process (called in a subprocess); the best of `repeat` passes."""
+    from actionft.frames import read_frames
+
+    if method == "seek":
+        def fn(p):
+            return read_frames(p, 4, size=336)[0]
+    else:
+        def fn(p):
+            return read_all_frames_then_sample(p, 4, 336)
+
+    import av  # noqa: F401  (imported before the baseline so it is not counted)
+    import numpy  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+    base_rss = _rss_mb()
+    fn(clips[0])  # warm-up (codec init, first allocations); timed runs follow
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for p in clips:
+            images = fn(p)
+            assert len(images) == 4 and images[0].size == (336, 336)
+        times.append(time.perf_counter() - t0)
+    seconds = min(times)
+    return {"method": method, "clips": len(clips), "seconds": seconds, "peak_rss_mb": _rss_mb(),
+            "rss_rise_mb": _rss_mb() - base_rss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--fps", type=int, default=25)
+    ap.add_argument("--size", default="640x360", help="WxH of the generated clips")
+    ap.add_argument("--gop", type=int, default=250, help="keyframe interval in frames (250: libx264 default)")
+    ap.add_argument("--content", choices=["smooth", "noise"], default="smooth",
+                    help="smooth: natural-video-like, mostly B-frames (default); noise: worst case, no B-frames")
+    ap.add_argument("--repeat", type=int, default=3, help="passes over the clips per method; the fastest counts")
+    ap.add_argument("--dir", help="use/keep the clips in this folder instead of a temporary one")
+    ap.add_argument("--run", choices=["seek", "naive"], help=argparse.SUPPRESS)  # internal: one measurement
+    args = ap.parse_args(argv)
+
+    if args.run:
+        clips = sorted(str(p) for p in Path(args.dir).glob("clip_*.mp4"))
+        print(json.dumps(run_one(args.run, clips, args.repeat)))
+        return 0
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
+        folder = Path(args.dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        for i in range(args.clips):
+            path = folder / f"clip_{i:03d}.mp4"
+            if not path.exists():
+                make_clip(path, args.seconds, args.fps, width, height, args.gop, seed=i, content=args.content)
+        print(f"{args.clips} clips of {args.seconds:g} s, {width}x{height} @ {args.fps} fps, H.264 ({args.content} "
+              f"content), keyframe every {args.gop} frames ({time.perf_counter() - t0:.1f} s to generate)")
+        results = {}
+        for method in ("seek", "naive"):
+            cmd = [sys.executable, __file__, "--run", method, "--dir", str(folder), "--repeat", str(args.repeat)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    print()
+    print(f"{'method':<34} {'clips/s':>8} {'s/clip':>8} {'peak RSS MB':>12} {'RSS rise MB':>12}")
+    names = {"seek": "(a) read_frames, seek (this)", "naive": "(b) decode all, then subsample"}
+    for method, r in results.items():
+        rate = r["clips"] / r["seconds"]
+        print(f"{names[method]:<34} {rate:>8.2f} {r['seconds'] / r['clips']:>8.3f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['rss_rise_mb']:>12.0f}")
+    ratio = results["naive"]["seconds"] / results["seek"]["seconds"]
+    print(f"\nspeed-up of (a) over (b): {ratio:.1f}x (target >= 5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
