@@ -10,6 +10,8 @@ from actionft.errors import ActionftError
 
 # subcommand -> module that defines `add_parser(subparsers)`; each parser sets `func` to its entry point.
 SUBCOMMANDS = {
+    "evaluate": "actionft.evaluate",
+    "run": "actionft.notebooks",
     "predict": "actionft.infer",
     "train": "actionft.train",
     "tiny-base": "actionft.pretrain",

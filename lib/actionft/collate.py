@@ -170,3 +170,102 @@ def soft_tokens_per_image(processor, width: int, height: int, max_soft_tokens: i
         images=[Image.new("RGB", (width, height))], max_soft_tokens=max_soft_tokens, return_tensors="pt"
     )
     return int(out["num_soft_tokens_per_image"][0])
+
+
+# -- checks (notebook 03 and the tests) -----------------------------------------------------------------------
+def render_input(tokenizer, ids, labels=None) -> str:
+    """Decoded input with each run of image/video soft tokens collapsed to `<|image|>x64`; supervised tokens
+    (labels != -100) are wrapped in [[...]]."""
+    ids = [int(i) for i in ids]
+    labels = [int(x) for x in labels] if labels is not None else [IGNORE_INDEX] * len(ids)
+    soft = {tokenizer.convert_tokens_to_ids(t) for t in ("<|image|>", "<|video|>")}
+    pad = tokenizer.pad_token_id
+    parts, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and ids[j] == ids[i] and (ids[i] in soft or ids[i] == pad):
+            j += 1
+        if j - i > 1:
+            parts.append(f"{tokenizer.convert_ids_to_tokens(ids[i])}x{j - i}")
+            i = j
+            continue
+        piece = tokenizer.decode([ids[i]])
+        parts.append(f"[[{piece}]]" if labels[i] != IGNORE_INDEX else piece)
+        i += 1
+    return "".join(parts)
+
+
+def check_labels(collator: Collator, sample: Sample) -> dict:
+    """The supervised tokens of one encoded sample decode to exactly the answer + end of turn."""
+    enc = collator.encode(sample)
+    supervised = enc["labels"] != IGNORE_INDEX
+    decoded = collator.tokenizer.decode(enc["input_ids"][supervised])
+    expected = sample.answer + END_OF_TURN
+    n = int(supervised.sum())
+    contiguous = bool(supervised[-n:].all()) if n else False
+    return {"ok": decoded == expected and contiguous, "decoded": decoded, "expected": expected,
+            "supervised_tokens": n, "supervised_at_end": contiguous}
+
+
+def check_template(collator: Collator, sample: Sample) -> dict:
+    """Prompt + completion ids equal the processor's ids for the full conversation rendered by the chat template
+    (which ends with the end-of-turn token and a newline that is not learned)."""
+    enc = collator.encode(sample)
+    msgs = sample.messages(with_answer=True)
+    for item in msgs[0]["content"]:
+        item.pop("image", None)
+        item.pop("video", None)
+    full = collator.processor.apply_chat_template(msgs, tokenize=False)
+    if sample.video is not None:
+        video, metadata = collator.read_video(sample)
+        ref = collator.processor(text=[full], videos=[video], video_metadata=[metadata], do_sample_frames=False,
+                                 max_soft_tokens=collator.video_max_soft_tokens, return_tensors="pt")
+    else:
+        ref = collator.processor(text=[full], images=[load_frames(sample.frames)],
+                                 max_soft_tokens=collator.max_soft_tokens, return_tensors="pt")
+    ref_ids = ref["input_ids"][0]
+    n = len(enc["input_ids"])
+    tail = collator.tokenizer.decode(ref_ids[n:])
+    same = bool(len(ref_ids) >= n and (ref_ids[:n] == enc["input_ids"]).all())
+    return {"ok": same and tail.strip() == "", "same_prefix": same, "unlearned_tail": tail}
+
+
+def check_soft_tokens(collator: Collator, sample: Sample) -> dict:
+    """Every image run in the input has as many soft tokens as the image processor says for that frame."""
+    tok = collator.tokenizer
+    enc = collator.encode(sample)
+    ids = enc["input_ids"].tolist()
+    soft_id = tok.convert_tokens_to_ids("<|video|>" if sample.video is not None else "<|image|>")
+    runs, count = [], 0
+    for t in ids + [None]:
+        if t == soft_id:
+            count += 1
+        elif count:
+            runs.append(count)
+            count = 0
+    if sample.video is not None:
+        # per frame: valid patches in the processor's output / pooling window
+        k2 = collator.processor.video_processor.pooling_kernel_size ** 2
+        expected = [int((pos >= 0).all(-1).sum()) // k2 for pos in enc["video_position_ids"]]
+    else:
+        expected = [soft_tokens_per_image(collator.processor, *im.size, collator.max_soft_tokens)
+                    for im in load_frames(sample.frames)]
+    return {"ok": runs == expected, "runs": runs, "expected": expected}
+
+
+def check_padding(collator: Collator, samples: list[Sample]) -> dict:
+    """In a padded batch every row holds exactly its single-sample ids and labels; padding is masked and unlearned."""
+    batch = collator(samples)
+    problems = []
+    for row, sample in enumerate(samples):
+        single = collator.encode(sample)
+        keep = batch["attention_mask"][row].bool()
+        if not torch.equal(batch["input_ids"][row][keep], single["input_ids"]):
+            problems.append(f"row {row}: input ids differ from the single-sample encoding")
+        if "labels" in batch:
+            if not torch.equal(batch["labels"][row][keep], single["labels"]):
+                problems.append(f"row {row}: labels differ from the single-sample encoding")
+            if (batch["labels"][row][~keep] != IGNORE_INDEX).any():
+                problems.append(f"row {row}: a padding position is supervised")
+    return {"ok": not problems, "problems": problems, "shape": tuple(batch["input_ids"].shape),
+            "padding_side": collator.padding_side}

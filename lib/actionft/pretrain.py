@@ -88,7 +88,7 @@ class PretrainTasks:
 def corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the action answers, the descriptions and the chat roles."""
     rng = random.Random(0)
-    lines = synth.corpus() + [DESCRIBE_FRAME, DESCRIBE_FIRST_LAST, SAY_SOMETHING, "user", "model", "First: Last:"]
+    lines = synth.corpus() + [DESCRIBE_FRAME, DESCRIBE_FIRST_LAST, SAY_SOMETHING, "<|turn>user\n", "<|turn>model\n", "First: Last:"]
     lines += [describe(random_state(rng)) for _ in range(400)]
     return lines
 
@@ -166,6 +166,10 @@ def pretrain_tiny_base(
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - start, 1)})
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if eval_every and (step + 1) % eval_every == 0:
+            # a loadable snapshot and the loss curve so far: long runs can be inspected (and stopped) midway
+            model.save_pretrained(out_dir)
+            (out_dir / "pretrain_history.json").write_text(json.dumps(history))
         if time_limit_s and time.time() - start > time_limit_s:
             break
     model.save_pretrained(out_dir)

@@ -85,7 +85,7 @@ TINY_DEFAULTS = {
 
 def train_tokenizer(corpus: list[str], vocab_size: int):
     """Train a Gemma-style BPE (spaces as '▁', byte fallback) on `corpus` and wrap it as a `GemmaTokenizer`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
@@ -102,13 +102,20 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
     tok.train_from_iterator(corpus, trainer=trainer)
     state = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return GemmaTokenizer(
+    tokenizer = GemmaTokenizer(
         vocab=state["vocab"],
         merges=merges,
         extra_special_tokens=NAMED_SPECIAL_TOKENS,
         chat_template=CHAT_TEMPLATE,
         padding_side="right",
     )
+    # The turn, channel and tool markers must be matched whole before BPE, as in the real Gemma 4 tokenizer.
+    registered = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS if t not in registered],
+        special_tokens=True,
+    )
+    return tokenizer
 
 
 def build_processor(tokenizer, patch_size: int, pooling_kernel_size: int, max_soft_tokens: int = 70):

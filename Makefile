@@ -1,0 +1,37 @@
+# Two commands do all the set-up: `make demo` and `make test` create (or reuse) .venv with the pinned dependencies.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PARAMS ?= params/tiny.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test lab bench clean-notebooks check-notebooks
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, executed copies in outputs/<run>/
+	$(BIN)/actionft run --params $(PARAMS)
+
+test: $(STAMP)  ## unit tests + every notebook re-executed by nbval
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --sanitize-with tests/nbval_sanitize.cfg
+
+lab: $(STAMP)  ## JupyterLab on the notebooks with the project's environment
+	$(BIN)/jupyter lab notebooks/
+
+bench: $(STAMP)  ## training throughput benchmark (tiny model on CPU; the real E4B architecture on a GPU)
+	$(BIN)/python bench/bench_train.py
+
+clean-notebooks:  ## strip outputs and volatile metadata from the committed notebooks
+	$(BIN)/python -m actionft.notebooks clean notebooks/*.ipynb
+
+check-notebooks:  ## fail when a committed notebook carries outputs
+	$(BIN)/python -m actionft.notebooks check notebooks/*.ipynb

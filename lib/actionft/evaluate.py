@@ -1,0 +1,164 @@
+"""Held-out evaluation: base vs fine-tuned on the same frames and prompts.
+
+Closed-set accuracy (when labels are known) scores every candidate label's answer under the model and takes the
+most likely one, so a model that ignores the frames lands at chance, not at zero. Free-form answers are generated
+greedily and scored with caption metrics (`actionft.metrics`) and "does the answer mention the right label".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from actionft.data import Sample
+from actionft.errors import ActionftError
+
+KINETICS_TEMPLATE = "The video shows {label}."
+
+
+def label_candidates(samples: list[Sample], classes: list[str], template: str | None = None) -> list[list[str]]:
+    """Per sample, one answer per class. For the generated dataset the class's canonical sentence about the sample's
+    own object (so only the action differs between candidates); otherwise `template` filled with the label."""
+    from actionft import synth
+
+    out = []
+    for s in samples:
+        if template is None and all(c in synth.CLASSES for c in classes):
+            obj = s.meta.get("object") or "shape"
+            out.append([synth.CLASSES[c].answer(obj) for c in classes])
+        else:
+            out.append([(template or KINETICS_TEMPLATE).format(label=c.replace("_", " ")) for c in classes])
+    return out
+
+
+def closed_set_predictions(model, processor, samples: list[Sample], classes: list[str], max_soft_tokens: int,
+                           template: str | None = None, topk: int = 5, progress: bool = True) -> list[list[str]]:
+    """Classes ranked by the likelihood of their answer, most likely first (top `topk`)."""
+    from actionft.infer import score_candidates
+
+    scores = score_candidates(model, processor, samples, label_candidates(samples, classes, template),
+                              max_soft_tokens=max_soft_tokens, progress=progress)
+    ranked = []
+    for row in scores:
+        order = sorted(range(len(classes)), key=lambda i: -row[i])
+        ranked.append([classes[i] for i in order[:topk]])
+    return ranked
+
+
+def label_synonyms(classes: list[str]) -> dict[str, list[str]]:
+    """Words that name each class in a free-form answer (the generator's keywords; else the label itself)."""
+    from actionft import synth
+
+    return {c: list(synth.CLASSES[c].keywords) if c in synth.CLASSES else [c.replace("_", " ")] for c in classes}
+
+
+def answer_class(answer: str, classes: list[str]) -> str | None:
+    """The single class a free-form answer names (None if it names none or several)."""
+    from actionft.metrics import mentions_label
+
+    syn = label_synonyms(classes)
+    named = [c for c in classes if mentions_label(answer, syn[c][0], {syn[c][0]: syn[c][1:]})]
+    return named[0] if len(named) == 1 else None
+
+
+def references_by_clip(samples: list[Sample]) -> dict[str, list[str]]:
+    refs: dict[str, list[str]] = defaultdict(list)
+    for s in samples:
+        refs[s.clip_id].append(s.answer)
+    return refs
+
+
+def unique_clips(samples: list[Sample]) -> list[Sample]:
+    seen, out = set(), []
+    for s in samples:
+        if s.clip_id not in seen:
+            seen.add(s.clip_id)
+            out.append(s)
+    return out
+
+
+def evaluate_model(model, processor, samples: list[Sample], classes: list[str] | None, max_soft_tokens: int,
+                   batch_size: int = 8, max_new_tokens: int = 40, semantic: bool = True,
+                   template: str | None = None, progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """Every metric for one model on held-out clips; returns (metrics, per-sample rows)."""
+    from actionft import metrics
+    from actionft.infer import generate_answers
+
+    clips = unique_clips(samples)
+    refs = references_by_clip(samples)
+    answers = generate_answers(model, processor, clips, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               max_soft_tokens=max_soft_tokens, progress=progress)
+    caption = metrics.caption_scores(answers, [refs[c.clip_id] for c in clips], semantic=semantic)
+    out = {k: round(float(v), 4) for k, v in caption["corpus"].items() if v is not None}
+    rows = []
+    for c, a, sc in zip(clips, answers, caption["per_sample"]):
+        rows.append({"clip_id": c.clip_id, "frames": [str(p) for p in c.frames], "references": refs[c.clip_id],
+                     "answer": a, **{k: (round(float(v), 4) if v is not None else None) for k, v in sc.items()}})
+    labelled = classes and all(c.label for c in clips)
+    if labelled:
+        ranked = closed_set_predictions(model, processor, clips, classes, max_soft_tokens, template,
+                                        progress=progress)
+        truth = [c.label for c in clips]
+        top1 = [r[0] for r in ranked]
+        syn = label_synonyms(classes)
+        mentions = [metrics.mentions_label(a, syn[t][0], {syn[t][0]: syn[t][1:]}) for a, t in zip(answers, truth)]
+        out["top1"] = round(metrics.accuracy(truth, top1), 4)
+        out["top5"] = round(metrics.topk_accuracy(truth, ranked, min(5, len(classes))), 4)
+        out["mentions_label"] = round(sum(mentions) / len(mentions), 4)
+        for row, t, r, m in zip(rows, truth, ranked, mentions):
+            row.update({"label": t, "predicted": r[0], "ranked": r, "mentions_label": m})
+    return out, rows
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from actionft.params import add_params_args
+
+    p = sub.add_parser("evaluate", help="held-out metrics for the base model and base + adapter")
+    add_params_args(p, required=True)
+    p.add_argument("--adapter", required=True, help="adapter folder from training")
+    p.add_argument("--out", required=True, help="folder for metrics.json and per-sample results")
+    p.add_argument("--split", default="test", help="held-out split to evaluate (default: test)")
+    p.set_defaults(func=_cli)
+
+
+def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str | Path, split: str = "test",
+                   progress: bool = True) -> dict[str, Any]:
+    """Evaluate base and base + adapter on `split`; write metrics.json and per_sample.json; return metrics."""
+    from actionft import train
+    from actionft.infer import load_for_inference
+
+    cfg = train.resolve_config(params)
+    samples = train.load_splits(cfg, progress=progress)[split]
+    if not samples:
+        raise ActionftError(f"the {split} split is empty; set test_fraction (or the metadata split column)")
+    classes = sorted({s.label for s in samples if s.label}) or None
+    eval_kwargs = dict(classes=classes, max_soft_tokens=cfg["max_soft_tokens"],
+                       batch_size=cfg["per_device_eval_batch_size"], template=params.get("label_template"),
+                       progress=progress)
+    results, per_sample = {}, {}
+    for name, adapter in (("base", None), ("finetuned", adapter_dir)):
+        model, processor = load_for_inference(cfg["model_id"], adapter, bf16=False)
+        results[name], per_sample[name] = evaluate_model(model, processor, samples, **eval_kwargs)
+        del model
+    metrics_out = {"base": results["base"], "finetuned": results["finetuned"], "n": len(unique_clips(samples))}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics_out, indent=1))
+    rows = [{**b, "finetuned_answer": f["answer"], **{f"finetuned_{k}": v for k, v in f.items()
+                                                        if k not in ("clip_id", "frames", "references", "label")}}
+            for b, f in zip(per_sample["base"], per_sample["finetuned"])]
+    (out_dir / "per_sample.json").write_text(json.dumps(rows, indent=1))
+    return metrics_out
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from actionft import metrics
+    from actionft.params import params_from_args
+
+    result = run_evaluation(params_from_args(args), args.adapter, args.out, args.split)
+    print(metrics.summary_table({"base": result["base"], "finetuned": result["finetuned"]}))
+    print(f"n = {result['n']} held-out clips; written to {Path(args.out) / 'metrics.json'}")
+    return 0

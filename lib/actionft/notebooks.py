@@ -1,0 +1,157 @@
+"""Running the numbered notebooks headless with papermill, and keeping the committed copies clean.
+
+`actionft run --params FILE` executes `notebooks/NN_*.ipynb` in order; each notebook receives the params it declares
+in its `parameters` cell. Executed copies go to `outputs/<run_name>/notebooks/`, never over the sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from actionft.errors import ActionftError
+from actionft.modeling import repo_root, resolve_path
+
+
+def notebook_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def list_notebooks(selection: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks in order, optionally only those whose number or name is in `selection`."""
+    found = sorted(notebook_dir().glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise ActionftError(f"no numbered notebooks in {notebook_dir()}")
+    if not selection:
+        return found
+    chosen = [nb for nb in found if any(nb.name.startswith(s) or nb.stem == s for s in selection)]
+    missing = [s for s in selection if not any(nb.name.startswith(s) or nb.stem == s for nb in found)]
+    if missing:
+        raise ActionftError(f"no notebook matches {missing}; available: {[nb.stem for nb in found]}")
+    return chosen
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """Names and defaults of a notebook's `parameters` cell (as papermill sees them)."""
+    import papermill
+
+    return {name: info["default"] for name, info in papermill.inspect_notebook(str(path)).items()}
+
+
+def run_notebooks(params: dict[str, Any], selection: list[str] | None = None, kernel: str = "python3",
+                  cell_timeout: int = 3600,
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Execute the notebooks in order with the params each one declares; stop at the first failure."""
+    import papermill
+
+    run_name = params.get("run_name", "run")
+    out_dir = resolve_path(params.get("output_root", "outputs")) / run_name / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for nb in list_notebooks(selection):
+        declared = notebook_parameters(nb)
+        passed = {k: v for k, v in params.items() if k in declared}
+        start = time.time()
+        print(f"==> {nb.name} ({len(passed)} parameters) -> {out_dir / nb.name}", flush=True)
+        try:
+            papermill.execute_notebook(
+                str(nb), str(out_dir / nb.name), parameters=passed, kernel_name=kernel, cwd=str(nb.parent),
+                progress_bar=progress, log_output=False, execution_timeout=cell_timeout,
+            )
+        except papermill.PapermillExecutionError as err:
+            raise ActionftError(
+                f"{nb.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                f"  the executed copy with the traceback is {out_dir / nb.name}"
+            ) from None
+        seconds = round(time.time() - start, 1)
+        results.append({"notebook": nb.name, "seconds": seconds})
+        print(f"    done in {seconds} s", flush=True)
+    (out_dir / "run_summary.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+# -- keeping committed notebooks clean ------------------------------------------------------------------------
+KEEP_METADATA = {"kernelspec", "language_info"}
+
+
+def clean_notebook(path: Path) -> bool:
+    """Drop outputs, execution counts and volatile metadata; return True if the file changed."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    before = nbformat.writes(nb)
+    nb.metadata = {k: v for k, v in nb.metadata.items() if k in KEEP_METADATA}
+    nb.metadata.get("language_info", {}).pop("version", None)
+    for cell in nb.cells:
+        cell.metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    after = nbformat.writes(nb)
+    if after != before:
+        path.write_text(after)
+    return after != before
+
+
+def dirty_notebooks(paths: list[Path]) -> list[str]:
+    """Notebooks that carry outputs, execution counts or volatile metadata."""
+    import nbformat
+
+    dirty = []
+    for path in paths:
+        nb = nbformat.read(str(path), as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None):
+                dirty.append(f"{path}: code cell with outputs")
+                break
+            if set(cell.metadata) - {"tags"}:
+                dirty.append(f"{path}: cell metadata {sorted(set(cell.metadata) - {'tags'})}")
+                break
+        if set(nb.metadata) - KEEP_METADATA:
+            dirty.append(f"{path}: notebook metadata {sorted(set(nb.metadata) - KEEP_METADATA)}")
+    return dirty
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from actionft.params import add_params_args
+
+    p = sub.add_parser("run", help="execute the notebooks in order with papermill (outputs/<run_name>/notebooks)")
+    add_params_args(p, required=True)
+    p.add_argument("--notebooks", nargs="*", metavar="NN", help="only these notebooks (numbers or names)")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3 = this environment)")
+    p.set_defaults(func=_cli_run)
+
+
+def _cli_run(args: argparse.Namespace) -> int:
+    from actionft.params import params_from_args
+
+    params = params_from_args(args)
+    start = time.time()
+    results = run_notebooks(params, args.notebooks, args.kernel)
+    print(f"ran {len(results)} notebook(s) in {time.time() - start:.0f} s: "
+          + ", ".join(f"{r['notebook']} {r['seconds']:.0f}s" for r in results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] not in ("clean", "check"):
+        print("usage: python -m actionft.notebooks {clean|check} NOTEBOOK...", file=sys.stderr)
+        return 2
+    paths = [Path(p) for p in argv[1:]]
+    if argv[0] == "clean":
+        changed = [str(p) for p in paths if clean_notebook(p)]
+        print(f"cleaned {len(changed)} notebook(s)" + (": " + ", ".join(changed) if changed else ""))
+        return 0
+    dirty = dirty_notebooks(paths)
+    for line in dirty:
+        print(line)
+    return 1 if dirty else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
