@@ -1,0 +1,128 @@
+"""bench/bench_train.py: FLOP and input models against the real processor, the E4B estimate, and a tiny CPU run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_causal_pairs_match_brute_force(bench):
+    for length in (1, 7, 40):
+        for window in (None, 1, 5, 64):
+            for first in (0, 3, length - 1):
+                brute = sum(min(p + 1, window or p + 1) for p in range(max(first, 0), length))
+                assert bench.FlopModel.pairs(max(first, 0), length, window) == brute
+
+
+def test_e4b_inputs_have_the_processors_shapes(bench):
+    """The synthetic E4B samples match what Gemma4ImageProcessor gives four 336x336 frames at 280 soft tokens."""
+    from PIL import Image
+    from transformers import Gemma4ImageProcessor
+
+    proc = Gemma4ImageProcessor(patch_size=16, pooling_kernel_size=3, max_soft_tokens=280)
+    real = proc(images=[Image.new("RGB", (336, 336))] * 4, max_soft_tokens=280, return_tensors="pt")
+    pool = bench.e4b_pool(3, seed=0)
+    cfg = bench.e4b_config()
+    for e in pool:
+        assert e["pixel_values"].shape == real["pixel_values"].shape == (4, 2520, 768)
+        assert torch.equal(e["image_position_ids"], real["image_position_ids"])
+        assert bench.image_runs(e["mm_token_type_ids"]) == [int(n) for n in real["num_soft_tokens_per_image"]]
+        prompt = int((e["labels"] == -100).sum())
+        assert prompt == bench.E4B_PROMPT_TOKENS
+        assert int((e["input_ids"] == cfg.boi_token_id).sum()) == int((e["input_ids"] == cfg.eoi_token_id).sum()) == 4
+        completion = e["labels"][prompt:]
+        assert (completion != -100).all() and completion[-1] == bench.E4B_END_OF_TURN_ID
+    stats = bench.pool_stats(bench.e4b_pool(32, seed=0))
+    assert 1055 <= stats["tokens_mean"] <= 1090 and 14 <= stats["supervised_mean"] <= 30
+
+
+def test_e4b_estimate_is_sane(bench):
+    """Meta-device E4B: ~7.6 B stored parameters without the audio tower (the published ~8 B includes it)."""
+    est = bench.estimate()
+    assert 7.3e9 < est["parameters_total"] < 8.3e9
+    assert 2.7e9 < est["parameters_by_part"]["text per-layer embeddings (PLE table)"] < 2.9e9
+    # r * (in + out) over 7 projections in 24 layers and 5 (no k/v) in the 18 K/V-shared ones
+    assert est["lora_parameters"] == 34_881_536
+    assert 3.8e9 < est["active_macs_per_token"] < 4.8e9  # "about 4B effective" + the LM head
+    full, kept = est["flops_per_sample_full_logits"], est["flops_per_sample_supervised_only"]
+    assert 2e13 < full["total"] < 3e13 and kept["total"] < 0.7 * full["total"]
+    assert est["flops_per_sample_supervised_only_b1"]["text_linear"] == full["text_linear"]
+    assert 0.02 < est["reference"]["implied_mfu"] < 0.1
+    mem = est["memory"]
+    ref = mem["reference (b1 x 8, ckpt, ZeRO-2, full logits)"]["total_gib"]
+    low = mem["lowmem (b1 x 8, ckpt, supervised-only logits)"]["total_gib"]
+    assert 14 < low < ref < 24
+
+
+def test_counting_collator_predicts_the_kv_shared_shortcut(bench):
+    """Logits only where supervised: the K/V-shared layers skip the prompt only when the micro-batch is padded."""
+    from actionft.modeling import load_model
+
+    model = load_model("tiny")
+    flop_model = bench.FlopModel.from_model(model)
+    pool = bench.tiny_pool(3, seed=0, max_soft_tokens=70)
+    collator = bench.CountingCollator(0, "left", flop_model, supervised_only=True)
+    one = collator(pool[:1])
+    two = collator(pool[:3])
+    h1, h2 = collator.history
+    assert h1["kept_shared"] == h1["length"] and h1["kept"] < h1["length"]
+    assert h2["kept_shared"] == h2["kept"] < h2["length"]
+    assert h1["supervised_tokens"] == int((one["labels"][:, 1:] != -100).sum())
+    assert h2["tokens"] == int(two["attention_mask"].sum())
+    full = bench.CountingCollator(0, "right", flop_model, supervised_only=False)
+    full(pool[:1])
+    assert full.history[0]["flops"] > h1["flops"]
+
+
+# three training subprocesses (DeepSpeed, 8-bit AdamW) on CPU: ~35 s on 2 idle cores (much longer if they are busy)
+def test_tiny_benchmark_runs_all_three_configurations(tmp_path):
+    out, est_out = tmp_path / "bench.json", tmp_path / "estimate.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--mode", "tiny", "--steps", "2", "--warmup", "1", "--max-soft-tokens", "70",
+         "--out", str(out), "--estimate-out", str(est_out)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = {r["configuration"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"reference", "fastest", "lowmem"}
+    for r in records.values():
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0
+        assert math.isfinite(r["loss"]) and r["flops_per_sample"] > 0 and r["steps"] == 2
+        # the FLOP count assumed what transformers really ran through the K/V-shared layers
+        assert r["kv_shared_positions"] == r["kv_shared_positions_assumed"]
+    assert records["fastest"]["kv_shared_positions"][0] < 100  # left padded micro-batch 8: prompt skipped
+    assert records["reference"]["flops_per_sample"] > records["fastest"]["flops_per_sample"]
+    assert "| reference |" in proc.stdout
+    est = json.loads(est_out.read_text())
+    assert 7.3e9 < est["parameters_total"] < 8.3e9
+    assert est["target"]["samples_per_s"] == pytest.approx(5 * 1.859)
+
+
+def test_dry_run_e4b_needs_no_gpu():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "e4b", "--dry-run", "--no-estimate", "--pool", "2"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "would run fastest: b8x1 left kept" in proc.stdout
+    assert "pixel_values [4, 2520, 768]" in proc.stdout
