@@ -29,8 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The DeepSpeed launcher adds `--local_rank=N` (it also sets LOCAL_RANK, which is what we read)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except ActionftError as err:

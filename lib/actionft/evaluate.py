@@ -162,3 +162,80 @@ def _cli(args: argparse.Namespace) -> int:
     print(metrics.summary_table({"base": result["base"], "finetuned": result["finetuned"]}))
     print(f"n = {result['n']} held-out clips; written to {Path(args.out) / 'metrics.json'}")
     return 0
+
+
+def training_signal_checks(model, processor, samples: list[Sample], max_soft_tokens: int, tol: float = 1e-4) -> list[dict]:
+    """Does the loss we train on mean what we think? Four checks on a batch of held-out samples:
+
+    teacher-forced loss with `use_cache` on vs off and with gradient checkpointing on vs off (Gemma 4's K/V sharing
+    once broke both); the per-token loss recomputed by hand vs the model's own loss vs `train.supervised_loss`; the
+    first generated token vs the argmax of the teacher-forced logits.
+    """
+    import torch
+
+    from actionft.collate import Collator
+    from actionft.train import supervised_loss
+
+    device = next(model.parameters()).device
+    collator = Collator(processor, max_soft_tokens=max_soft_tokens, padding_side="left")
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(samples).items()}
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved_p = [m.p for m in dropouts]
+    for m in dropouts:  # deterministic forward passes in train mode
+        m.p = 0.0
+    rows = []
+
+    def row(name, a, b):
+        a, b = float(a), float(b)
+        rows.append({"check": name, "a": round(a, 6), "b": round(b, 6), "abs_diff": abs(a - b),
+                     "ok": abs(a - b) <= tol * max(1.0, abs(a))})
+
+    try:
+        model.eval()
+        with torch.no_grad():
+            out_cache = model(**inputs, use_cache=True)
+            out_nocache = model(**inputs, use_cache=False)
+
+            def ce(logits):
+                logp = torch.log_softmax(logits[:, :-1].float(), -1)
+                tgt = labels[:, 1:]
+                mask = tgt != -100
+                return -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum() / mask.sum()
+
+            row("loss: use_cache on vs off", ce(out_cache.logits), ce(out_nocache.logits))
+            by_hand = ce(out_nocache.logits)
+            ours, _ = supervised_loss(model, batch, None, True)
+            row("loss: by hand vs supervised_loss (logits only where supervised)", by_hand, ours)
+            hf_loss = model(**inputs, labels=labels, use_cache=False).loss
+            row("loss: by hand vs the model's own loss", by_hand, hf_loss)
+        was_gc = getattr(model, "is_gradient_checkpointing", False)
+        model.train()
+        losses = {}
+        for gc in (False, True):
+            if gc:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+            loss, _ = supervised_loss(model, batch, None, True)
+            loss.backward()
+            losses[gc] = loss.item()
+            model.zero_grad(set_to_none=True)
+        row("loss: gradient checkpointing off vs on", losses[False], losses[True])
+        if not was_gc:
+            model.gradient_checkpointing_disable()
+        model.eval()
+        # first generated token vs teacher-forced argmax at the last prompt position
+        gen_collator = Collator(processor, max_soft_tokens=max_soft_tokens, for_generation=True)
+        gen_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in gen_collator(samples).items()}
+        with torch.no_grad():
+            first = model.generate(**gen_batch, max_new_tokens=1, do_sample=False)[:, -1]
+            argmax = model(**gen_batch, use_cache=False).logits[:, -1].argmax(-1)
+        agree = (first == argmax).float().mean()
+        row("first generated token == teacher-forced argmax (share of samples)", agree, 1.0)
+    finally:
+        for m, p in zip(dropouts, saved_p):
+            m.p = p
+        model.eval()
+    return rows

@@ -34,6 +34,12 @@ DEFAULTS: dict[str, Any] = {
     "image_folder": None,
     "metadata_path": None,
     "synth": False,
+    # the generated dataset's settings (used when synth is true; see actionft.synth.generate_dataset)
+    "synth_clips_per_class": 60,
+    "synth_val_per_class": 6,
+    "synth_test_per_class": 10,
+    "synth_seed": 0,
+    "synth_frame_size": 192,
     "num_frames": 4,
     "max_soft_tokens": 280,
     "video_max_soft_tokens": 70,
@@ -146,7 +152,16 @@ def ensure_data(cfg: dict[str, Any]) -> None:
 
     known = generate_dataset.__code__.co_varnames[1:generate_dataset.__code__.co_argcount]
     kwargs = {k[len("synth_"):]: v for k, v in cfg.items() if k.startswith("synth_") and k[len("synth_"):] in known}
-    ensure_dataset(resolve_path(cfg["image_folder"]), **kwargs)
+    folder = resolve_path(cfg["image_folder"])
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        ensure_dataset(folder, **kwargs)
+        return
+    # other processes of a multi-process launch wait for the first one to render it
+    deadline = time.time() + 900
+    while not (folder / "summary.json").is_file() or not (folder / "data.json").is_file():
+        if time.time() > deadline:
+            raise ActionftError(f"timed out waiting for local rank 0 to generate the dataset in {folder}")
+        time.sleep(2)
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -375,8 +390,11 @@ def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
 
 
 # -- the whole run --------------------------------------------------------------------------------------------
-def train(params: dict[str, Any], model=None, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune as configured; save the adapter and processor under the run folder; return a summary."""
+def prepare(params: dict[str, Any], model=None, progress: bool = True):
+    """Everything up to the first step: config, splits, processor, LoRA model, collator and Trainer.
+
+    Returns (trainer, info); `fit(trainer, info)` trains. Notebook 04 looks at the model in between.
+    """
     from transformers import set_seed
 
     from actionft.collate import Collator
@@ -402,33 +420,45 @@ def train(params: dict[str, Any], model=None, progress: bool = True) -> dict[str
         model=model, args=args, data_collator=collator, train_dataset=SampleDataset(splits["train"]),
         eval_dataset=SampleDataset(splits["val"]) if splits["val"] else None, cfg=cfg,
     )
-    resume = cfg["resume_from_checkpoint"]
-    if isinstance(resume, str) and resume not in ("true", "latest"):
-        from actionft.modeling import resolve_path
+    info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor}
+    return trainer, info
 
-        resume = str(resolve_path(resume))
-    elif resume in ("true", "latest"):
+
+def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
+    """Train (resuming if asked), save the adapter + processor under the run folder, return a summary."""
+    from actionft.modeling import resolve_path
+
+    cfg, out = info["cfg"], info["run_dir"]
+    resume = cfg["resume_from_checkpoint"]
+    if resume in (True, "true", "latest"):
         resume = True
-    result = trainer.train(resume_from_checkpoint=resume)
+    elif resume:
+        resume = str(resolve_path(resume))
+    result = trainer.train(resume_from_checkpoint=resume or None)
     adapter_dir = out / "adapter"
     trainer.save_model(str(adapter_dir))
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(str(adapter_dir))
-        trainer.state.save_to_json(str(out / "trainer_state.json"))
     summary = {
         "run_dir": str(out),
         "adapter_dir": str(adapter_dir),
         "global_step": trainer.state.global_step,
-        "train_samples": len(splits["train"]),
-        "val_samples": len(splits["val"]),
-        "effective_batch": effective_batch(cfg, args.world_size),
+        "train_samples": len(info["splits"]["train"]),
+        "val_samples": len(info["splits"]["val"]),
+        "effective_batch": effective_batch(cfg, trainer.args.world_size),
         "train_loss": round(result.training_loss, 4),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_samples_per_s": round(result.metrics.get("train_samples_per_second", 0.0), 3),
     }
     if trainer.is_world_process_zero():
+        info["processor"].save_pretrained(str(adapter_dir))
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def train(params: dict[str, Any], model=None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune as configured (`prepare` + `fit`)."""
+    trainer, info = prepare(params, model, progress)
+    return fit(trainer, info)
 
 
 def dry_run(params: dict[str, Any]) -> dict[str, Any]:
@@ -453,7 +483,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="LoRA fine-tuning (HF Trainer + peft + DeepSpeed)")
     add_params_args(p, required=True)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and step count, load nothing")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cli)
 
 
