@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,28 @@ import yaml
 from actionft.errors import ActionftError
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `2e-4` (no dot) is a string; people write learning rates that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` -> (key, value), the value read as YAML so numbers, booleans and lists keep their type."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ActionftError(f"--set expects key=value, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ActionftError(f"--set {text!r}: the value is not valid YAML ({err})") from None
     return key.strip(), value
@@ -31,7 +47,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ActionftError(f"params file {path} does not exist; see params/ for the shipped ones")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ActionftError(f"params file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):

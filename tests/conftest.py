@@ -1,0 +1,34 @@
+"""Shared fixtures: a small generated dataset (rendered once per session) and the tiny model's processor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# 9 classes x 4 clips: 2 train, 1 val, 1 test per class. Small enough to render in about a second.
+SYNTH_SETTINGS = {"clips_per_class": 4, "val_per_class": 1, "test_per_class": 1, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """Folder holding `data.json`, `data_video.json`, `metadata.csv`, `frames/` and `videos/` (do not modify)."""
+    from actionft.synth import ensure_dataset
+
+    return ensure_dataset(tmp_path_factory.mktemp("synth") / "ds", progress=False, **SYNTH_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def synth_samples(synth_dataset):
+    """The generated dataset loaded with its metadata (labels and splits)."""
+    from actionft.data import load_dataset
+
+    return load_dataset(synth_dataset / "data.json", synth_dataset, synth_dataset / "metadata.csv", progress=False)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    """Processor of the packaged tiny Gemma 4 (tokenizer, chat template, image and video processors)."""
+    from actionft.modeling import load_processor
+
+    return load_processor("tiny")
