@@ -34,14 +34,7 @@ def videos(dataset) -> list[Sample]:
 
 
 @pytest.fixture(scope="module")
-def processor():
-    from actionft.modeling import load_processor
-
-    return load_processor("tiny")
-
-
-@pytest.fixture(scope="module")
-def collator(processor) -> Collator:
+def collator(processor) -> Collator:  # `processor`: the tiny model's, from conftest.py
     return Collator(processor, max_soft_tokens=70, num_frames=NUM_FRAMES, video_max_soft_tokens=70)
 
 
