@@ -245,7 +245,8 @@ def parameter_groups(model, cfg: dict[str, Any]) -> list[dict]:
         decay = cfg["weight_decay"] if p.ndim >= 2 else 0.0
         key = f"{mod}|{decay}"
         groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": decay, "name": mod})["params"].append(p)
-    return list(groups.values())
+    # The Trainer logs the learning rate of group 0: keep a group at `learning_rate` first, the towers after it.
+    return sorted(groups.values(), key=lambda g: g["name"] in ("vision_tower", "embed_vision"))
 
 
 # -- loss -----------------------------------------------------------------------------------------------------
@@ -424,6 +425,17 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
     return trainer, info
 
 
+def latest_checkpoint(folder: Path) -> str:
+    """Newest complete `checkpoint-N` in `folder`: a run killed while saving leaves one without trainer_state.json
+    (the Trainer writes it last), which the Trainer's own "latest" would pick and then fail to load."""
+    done = [p for p in folder.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    if not done:
+        raise ActionftError(f"resume_from_checkpoint=latest, but {folder} holds no complete checkpoint-N folder; "
+                            "start without resume_from_checkpoint or point it at a checkpoint folder")
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+
+
 def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming if asked), save the adapter + processor under the run folder, return a summary."""
     from actionft.modeling import resolve_path
@@ -431,7 +443,7 @@ def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
     cfg, out = info["cfg"], info["run_dir"]
     resume = cfg["resume_from_checkpoint"]
     if resume in (True, "true", "latest"):
-        resume = True
+        resume = latest_checkpoint(Path(trainer.args.output_dir))
     elif resume:
         resume = str(resolve_path(resume))
     result = trainer.train(resume_from_checkpoint=resume or None)
