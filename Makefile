@@ -22,7 +22,7 @@ demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, exe
 	$(BIN)/actionft run --params $(PARAMS)
 
 test: $(STAMP)  ## unit tests + every notebook re-executed by nbval
-	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --sanitize-with tests/nbval_sanitize.cfg
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 lab: $(STAMP)  ## JupyterLab on the notebooks with the project's environment
 	$(BIN)/jupyter lab notebooks/

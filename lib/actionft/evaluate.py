@@ -185,6 +185,14 @@ def training_signal_checks(model, processor, samples: list[Sample], max_soft_tok
     saved_p = [m.p for m in dropouts]
     for m in dropouts:  # deterministic forward passes in train mode
         m.p = 0.0
+    # an adapter loaded for inference has nothing that requires grad; the backward pass of the gradient
+    # checkpointing check needs something: the LoRA weights if any, otherwise the input embeddings
+    params = dict(model.named_parameters())
+    grad_names = [n for n in params if "lora_" in n] or [
+        n for n, p in params.items() if p is model.get_input_embeddings().weight]
+    saved_grad = {n: params[n].requires_grad for n in grad_names}
+    for n in grad_names:
+        params[n].requires_grad_(True)
     rows = []
 
     def row(name, a, b):
@@ -237,5 +245,8 @@ def training_signal_checks(model, processor, samples: list[Sample], max_soft_tok
     finally:
         for m, p in zip(dropouts, saved_p):
             m.p = p
+        for n, flag in saved_grad.items():
+            params[n].requires_grad_(flag)
+        model.zero_grad(set_to_none=True)
         model.eval()
     return rows

@@ -40,7 +40,7 @@ def resolve_model_id(model_id: str) -> str:
         return str(TINY_BASE_DIR)
     local = resolve_path(model_id)
     if local is not None and local.exists():
-        if not (local / "config.json").is_file():
+        if not any((local / name).is_file() for name in ("config.json", "processor_config.json")):
             raise ActionftError(f"{local} exists but holds no config.json; point model_id at a model folder")
         return str(local)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
