@@ -592,9 +592,9 @@ def test_positive_module_lrs_get_their_own_param_groups(data, tmp_path, one_thre
     params = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
     trainer, info = prepare(params, progress=False)
     counts = trainable_parameters(trainer.model)
-    # peft keeps a frozen original beside the trainable copy of each module, so "total" counts it twice
-    assert counts["vision_tower"]["trainable"] == base_counts["vision_tower"]
-    assert counts["embed_vision"]["trainable"] == base_counts["embed_vision"]
+    # peft keeps a frozen original beside the trainable copy of each module; it is not counted
+    assert counts["vision_tower"] == {"trainable": base_counts["vision_tower"], "total": base_counts["vision_tower"]}
+    assert counts["embed_vision"] == {"trainable": base_counts["embed_vision"], "total": base_counts["embed_vision"]}
     assert counts["language_model"]["trainable"] == 0
 
     optimizer = trainer.create_optimizer()
@@ -657,3 +657,15 @@ def test_lora_wraps_only_the_text_layers_projections(one_thread):
                  "model.embed_audio.embedding_projection", "model.vision_tower.encoder.layers.0.mlp.up_proj.linear",
                  "model.embed_vision.embedding_projection", "lm_head"):
         assert not regex.fullmatch(name), name
+
+
+def test_full_finetune_trains_text_weights_and_leaves_lr0_towers_frozen():
+    """use_lora: false trains every text weight; a tower with lr 0 stays frozen, as under LoRA."""
+    from actionft.train import build_model, resolve_config, trainable_parameters
+
+    cfg = resolve_config({"synth": True, "bf16": False, "use_lora": False, "image_encoder_lr": 0.0,
+                          "projector_lr": 1e-4})
+    counts = trainable_parameters(build_model(cfg))
+    assert counts["language_model"]["trainable"] == counts["language_model"]["total"] > 0
+    assert counts["vision_tower"]["trainable"] == 0 < counts["vision_tower"]["total"]
+    assert counts["embed_vision"]["trainable"] == counts["embed_vision"]["total"] > 0

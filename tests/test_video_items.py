@@ -152,6 +152,24 @@ def test_predict_on_a_clip_with_the_adapter(trained, dataset, capsys, monkeypatc
     assert capsys.readouterr().out.strip()
 
 
+def test_predict_as_video_uses_the_video_path(trained, dataset, capsys, monkeypatch):
+    """`--as-video` turns the clip into one video item (video processor, no image items), and answers."""
+    import actionft.cli
+    from actionft.infer import frames_sample
+
+    clip = dataset / "videos" / "grow_0000.mp4"
+    sample = frames_sample([str(clip)], as_video=True)
+    assert sample.video == clip.resolve() and sample.frames == []
+    assert [c["type"] for c in sample.messages(with_answer=False)[0]["content"]] == ["video", "text"]
+    assert frames_sample([str(clip)]).video is None and len(frames_sample([str(clip)]).frames) == 4
+    monkeypatch.setattr(actionft.cli, "SUBCOMMANDS", {"predict": "actionft.infer"})
+    assert actionft.cli.main(["predict", "--adapter", trained["adapter_dir"], str(clip), "--as-video",
+                              "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert actionft.cli.main(["predict", "--adapter", trained["adapter_dir"], str(dataset / "nope.mp4")]) == 2
+    assert "video file not found" in capsys.readouterr().err
+
+
 def test_generate_on_a_video_item_with_the_adapter(trained, videos):
     """The video path at generation time: a video sample, left-padded with an image-free batch."""
     from actionft.infer import generate_answers, load_for_inference

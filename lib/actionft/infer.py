@@ -60,11 +60,13 @@ def _to(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 40,
-                     max_soft_tokens: int = 280, num_frames: int = 4, progress: bool = True) -> list[str]:
+                     max_soft_tokens: int = 280, num_frames: int = 4, progress: bool = True,
+                     video_max_soft_tokens: int = 70) -> list[str]:
     """Greedy answers for `samples` (their own prompts), batched with left padding."""
     from tqdm.auto import tqdm
 
-    collator = Collator(processor, max_soft_tokens=max_soft_tokens, for_generation=True, num_frames=num_frames)
+    collator = Collator(processor, max_soft_tokens=max_soft_tokens, for_generation=True, num_frames=num_frames,
+                        video_max_soft_tokens=video_max_soft_tokens)
     tok = processor.tokenizer
     stop = [tok.convert_tokens_to_ids(END_OF_TURN), tok.eos_token_id]
     answers: list[str] = []
@@ -102,10 +104,17 @@ def score_candidates(model, processor, samples: list[Sample], candidates: list[l
     return scores
 
 
-def frames_sample(paths: list[str], prompt: str = DEFAULT_PROMPT, num_frames: int = 4) -> Sample:
-    """A sample from frame files, or from one video file (`num_frames` frames at segment centres)."""
+def frames_sample(paths: list[str], prompt: str = DEFAULT_PROMPT, num_frames: int = 4,
+                  as_video: bool = False) -> Sample:
+    """A sample from frame files, or from one video file: `num_frames` frames at segment centres as image items
+    (what an adapter trained on frames expects), or with `as_video` one video item for Gemma 4's video path."""
     if len(paths) == 1 and Path(paths[0]).suffix.lower() in {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v"}:
         from actionft.frames import read_frames
+
+        if not Path(paths[0]).is_file():
+            raise ActionftError(f"video file not found: {paths[0]}")
+        if as_video:
+            return Sample(0, Path(paths[0]).stem, prompt, "", video=Path(paths[0]).resolve())
 
         frames, _, _ = read_frames(paths[0], num_frames=num_frames)
         return Sample(0, Path(paths[0]).stem, prompt, "", frames=frames)
@@ -122,6 +131,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-id", default="tiny", help="base model: 'tiny', a hub id or a folder (default: tiny)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--num-frames", type=int, default=4, help="frames sampled from a video input")
+    p.add_argument("--as-video", action="store_true", help="feed a video input as one video item through Gemma 4's "
+                   "video processor (for adapters trained on video items) instead of 4 image items")
+    p.add_argument("--video-max-soft-tokens", type=int, default=70, help="soft tokens per video frame")
     p.add_argument("--max-soft-tokens", type=int, default=None, help="soft tokens per frame (default: the "
                    "adapter's training value from train_summary, else 280)")
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -138,9 +150,10 @@ def _cli_predict(args: argparse.Namespace) -> int:
     if budget is None and args.adapter:
         cfg_file = Path(args.adapter).parent / "train_config.json"
         budget = json.loads(cfg_file.read_text()).get("max_soft_tokens") if cfg_file.is_file() else None
-    sample = frames_sample(args.inputs, args.prompt, args.num_frames)
+    sample = frames_sample(args.inputs, args.prompt, args.num_frames, as_video=args.as_video)
     model, processor = load_for_inference(args.model_id, args.adapter)
-    answer = generate_answers(model, processor, [sample], max_soft_tokens=budget or 280,
-                              max_new_tokens=args.max_new_tokens, progress=False)[0]
+    answer = generate_answers(model, processor, [sample], max_soft_tokens=budget or 280, num_frames=args.num_frames,
+                              max_new_tokens=args.max_new_tokens, progress=False,
+                              video_max_soft_tokens=args.video_max_soft_tokens)[0]
     print(answer)
     return 0

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from actionft import synth
 from actionft.data import Sample
+from actionft.errors import ActionftError
 
 DESCRIBE_FRAME = "Describe the frame."
 DESCRIBE_FIRST_LAST = "Describe the first and the last frame."
@@ -129,16 +131,29 @@ def pretrain_tiny_base(
     eval_every: int = 250,
     time_limit_s: float | None = None,
     progress: bool = True,
+    init: str | Path | None = None,
     **model_overrides,
 ) -> dict:
-    """Build the tiny model, train all its weights on the pretraining tasks and save it to `out_dir`."""
+    """Build the tiny model (or start from the base in `init`), train all its weights on the pretraining tasks and
+    save it to `out_dir`. Continuing from `init` uses a fresh warmup + cosine schedule; use another `seed` so that
+    the generated examples differ from the first run's."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
     from actionft.tiny import build_tiny_model
 
     out_dir = Path(out_dir)
-    build_tiny_model(out_dir, corpus(), seed=seed, **model_overrides)
+    earlier: list[dict] = []
+    if init is not None:
+        init = Path(init)
+        if not (init / "config.json").is_file():
+            raise ActionftError(f"--init {init} holds no config.json; point it at a tiny base folder")
+        if init.resolve() != out_dir.resolve():
+            shutil.copytree(init, out_dir, dirs_exist_ok=True)
+        if (out_dir / "pretrain_history.json").is_file():
+            earlier = json.loads((out_dir / "pretrain_history.json").read_text())
+    else:
+        build_tiny_model(out_dir, corpus(), seed=seed, **model_overrides)
     processor = AutoProcessor.from_pretrained(out_dir)
     model = Gemma4ForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     model.train()
@@ -148,7 +163,8 @@ def pretrain_tiny_base(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    history = []
+    history = list(earlier)
+    offset = len(earlier)
     start = time.time()
     bar = tqdm(range(steps), desc="tiny-base", disable=not progress)
     collator = None
@@ -164,7 +180,8 @@ def pretrain_tiny_base(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - start, 1)})
+        history.append({"step": offset + step + 1, "loss": round(loss.item(), 4),
+                        "elapsed_s": round(time.time() - start, 1)})
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if eval_every and (step + 1) % eval_every == 0:
             # a loadable snapshot and the loss curve so far: long runs can be inspected (and stopped) midway
@@ -174,7 +191,8 @@ def pretrain_tiny_base(
             break
     model.save_pretrained(out_dir)
     (out_dir / "pretrain_history.json").write_text(json.dumps(history))
-    return {"steps": len(history), "final_loss": history[-1]["loss"], "seconds": round(time.time() - start, 1)}
+    return {"steps": len(history) - offset, "final_loss": history[-1]["loss"],
+            "seconds": round(time.time() - start, 1)}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -184,10 +202,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="continue from this tiny base folder instead of a fresh random one")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    summary = pretrain_tiny_base(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    summary = pretrain_tiny_base(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                 init=args.init)
     print(json.dumps(summary))
     return 0

@@ -82,12 +82,28 @@ DEFAULTS: dict[str, Any] = {
     "supervised_logits_only": True,
 }
 
+# Parameters that only notebooks 00 and 05-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
+# training ignores them. A test keeps this list in step with the notebooks' `parameters` cells.
+OTHER_KEYS = frozenset({
+    "adapter_dir", "add_missing_clip", "annotations", "batch_size", "eval_split", "jpeg_quality", "label_template",
+    "max_clips", "max_mean_diff", "max_new_tokens", "n_checked", "n_examples", "n_show", "semantic", "size",
+    "video_data_path", "video_dir", "workers",
+})
+
 # Modules of Gemma4ForConditionalGeneration that LoRA never touches (towers and their projections into text).
 NON_TEXT_MODULES = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 
 
 def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
     """Defaults + params, with unknown-key and consistency checks."""
+    unknown = sorted(set(params) - set(DEFAULTS) - OTHER_KEYS)
+    if unknown:
+        import difflib
+
+        known = list(DEFAULTS) + sorted(OTHER_KEYS)
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        raise ActionftError(f"unknown parameter(s): {', '.join(hints)}; the known ones are in params/tiny.yaml "
+                            "and the notebooks' parameters cells")
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in params.items() if k in DEFAULTS})
     if cfg["data_path"] is None and not cfg["synth"]:
@@ -190,8 +206,11 @@ def build_model(cfg: dict[str, Any], model=None):
     if model is None:
         model = load_model(cfg["model_id"], bf16=cfg["bf16"], attn_implementation=cfg["attn_implementation"])
     model.config.use_cache = False
-    if not cfg["use_lora"]:
-        model.requires_grad_(True)
+    if not cfg["use_lora"]:  # every text weight trains; a tower only at a positive lr, audio never
+        lr_of = {"vision_tower": cfg["image_encoder_lr"], "embed_vision": cfg["projector_lr"]}
+        for name, p in model.named_parameters():
+            mod = module_of(name)
+            p.requires_grad_(mod not in NON_TEXT_MODULES or lr_of.get(mod, 0.0) > 0)
         return model
     modules_to_save = []
     if cfg["image_encoder_lr"] > 0:
@@ -223,11 +242,9 @@ def trainable_parameters(model) -> dict[str, dict[str, int]]:
     """{module: {"trainable": n, "total": n}} for the text model, the towers and the projectors."""
     out: dict[str, dict[str, int]] = {}
     for name, p in model.named_parameters():
-        mod = module_of(name)
-        if mod == "language_model (LoRA)":
-            entry = out.setdefault(mod, {"trainable": 0, "total": 0})
-        else:
-            entry = out.setdefault(mod, {"trainable": 0, "total": 0})
+        if ".original_module." in name:  # peft's frozen copy of a module in modules_to_save
+            continue
+        entry = out.setdefault(module_of(name), {"trainable": 0, "total": 0})
         entry["total"] += p.numel()
         if p.requires_grad:
             entry["trainable"] += p.numel()
