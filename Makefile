@@ -7,7 +7,7 @@ PARAMS ?= params/tiny.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lab bench clean-notebooks check-notebooks
+.PHONY: setup demo test lab bench tiny-base clean-notebooks check-notebooks
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ lab: $(STAMP)  ## JupyterLab on the notebooks with the project's environment
 
 bench: $(STAMP)  ## training throughput benchmark (tiny model on CPU; the real E4B architecture on a GPU)
 	$(BIN)/python bench/bench_train.py
+
+TINY_BASE := lib/actionft/assets/tiny-gemma4
+tiny-base: $(STAMP)  ## rebuild the packaged tiny base with the commands and seeds that made it (~60 min on 2 CPU cores)
+	$(BIN)/actionft tiny-base --out $(TINY_BASE).new --steps 2000
+	$(BIN)/actionft tiny-base --init $(TINY_BASE).new --out $(TINY_BASE).new --steps 1500 --lr 1e-3 --seed 1
+	rm -f $(TINY_BASE).new/pretrain_history.json && rm -rf $(TINY_BASE) && mv $(TINY_BASE).new $(TINY_BASE)
 
 clean-notebooks:  ## strip outputs and volatile metadata from the committed notebooks
 	$(BIN)/python -m actionft.notebooks clean notebooks/*.ipynb

@@ -93,3 +93,27 @@ def test_bad_local_model_ids(tmp_path):
     with pytest.raises(ActionftError, match="no config.json"):
         resolve_model_id(str(tmp_path / "empty"))
     assert resolve_model_id(REAL_MODEL_ID) == REAL_MODEL_ID  # a hub id passes through untouched
+
+
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter-loaded-for-inference"])
+def test_training_signal_checks_agree(tmp_path, processor, synth_samples, with_adapter):
+    """Notebook 06's loss sanity table: every check holds on the base and on an adapter loaded for inference
+    (nothing requires grad there, yet the checkpointing check needs a backward pass)."""
+    from peft import LoraConfig, get_peft_model
+
+    from actionft.evaluate import training_signal_checks
+    from actionft.infer import load_for_inference
+    from actionft.train import lora_target_regex
+
+    if with_adapter:
+        lora = get_peft_model(load_model("tiny"), LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(["q_proj", "v_proj"]),
+                                                             init_lora_weights=False))
+        lora.save_pretrained(tmp_path / "adapter")
+        model, _ = load_for_inference("tiny", tmp_path / "adapter", device="cpu")
+        assert not any(p.requires_grad for p in model.parameters())
+    else:
+        model = load_model("tiny").eval()
+    rows = training_signal_checks(model, processor, synth_samples[:3], max_soft_tokens=70)
+    assert len(rows) == 5 and all(r["ok"] for r in rows), rows
+    assert not any(p.requires_grad for p in model.parameters()) or not with_adapter  # grad flags restored
+    assert not getattr(model, "is_activation_checkpointing", False)

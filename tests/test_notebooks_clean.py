@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from actionft.notebooks import clean_notebook, dirty_notebooks, list_notebooks
+from actionft.notebooks import clean_notebook, dirty_notebooks, list_notebooks, print_run_results
 
 ROOT = Path(__file__).parents[1]
 SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
@@ -64,6 +64,21 @@ def sanitize(text: str) -> str:
     for regex, replace in get_sanitize_patterns(SANITIZE.read_text()):
         text = re.sub(regex, replace, text)
     return text
+
+
+def test_run_ends_with_the_headline_numbers_it_wrote(tmp_path, capsys):
+    import json
+    import time
+
+    (tmp_path / "accuracy.json").write_text(json.dumps({"base": 0.1222, "finetuned": 0.8222, "chance": 0.1111, "n": 90}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"base": {"top1": 0.12, "bleu4": 0.05},
+                                                       "finetuned": {"top1": 0.82, "bleu4": 0.61}, "n": 90}))
+    print_run_results(tmp_path, since=0.0)
+    out = capsys.readouterr().out
+    assert "base 0.122, fine-tuned 0.822, chance 0.111" in out
+    assert "| top1 | 0.120 | 0.820 |" in out and "| bleu4 | 0.050 | 0.610 |" in out
+    print_run_results(tmp_path, since=time.time() + 60)  # files from an earlier run are not reported as this one's
+    assert capsys.readouterr().out == ""
 
 
 def test_sanitize_file_parses():

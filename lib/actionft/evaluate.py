@@ -218,21 +218,21 @@ def training_signal_checks(model, processor, samples: list[Sample], max_soft_tok
             row("loss: by hand vs supervised_loss (logits only where supervised)", by_hand, ours)
             hf_loss = model(**inputs, labels=labels, use_cache=False).loss
             row("loss: by hand vs the model's own loss", by_hand, hf_loss)
-        was_gc = getattr(model, "is_gradient_checkpointing", False)
+        was_gc = getattr(model, "is_activation_checkpointing", False)
         model.train()
         losses = {}
         for gc in (False, True):
             if gc:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                model.gradient_checkpointing_disable()
+                model.activation_checkpointing_disable()
             loss, _ = supervised_loss(model, batch, None, True)
             loss.backward()
             losses[gc] = loss.item()
             model.zero_grad(set_to_none=True)
         row("loss: gradient checkpointing off vs on", losses[False], losses[True])
         if not was_gc:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.eval()
         # first generated token vs teacher-forced argmax at the last prompt position
         gen_collator = Collator(processor, max_soft_tokens=max_soft_tokens, for_generation=True)

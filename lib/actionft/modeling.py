@@ -35,7 +35,7 @@ def resolve_model_id(model_id: str) -> str:
         if not (TINY_BASE_DIR / "config.json").is_file():
             raise ActionftError(
                 f"the tiny base model is missing from {TINY_BASE_DIR}; rebuild it with "
-                f"`actionft tiny-base --out {TINY_BASE_DIR}` (about 30 minutes on 2 CPU cores)"
+                "`make tiny-base` (about an hour on 2 CPU cores)"
             )
         return str(TINY_BASE_DIR)
     local = resolve_path(model_id)

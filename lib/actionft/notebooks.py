@@ -134,7 +134,24 @@ def _cli_run(args: argparse.Namespace) -> int:
     results = run_notebooks(params, args.notebooks, args.kernel)
     print(f"ran {len(results)} notebook(s) in {time.time() - start:.0f} s: "
           + ", ".join(f"{r['notebook']} {r['seconds']:.0f}s" for r in results))
+    print_run_results(resolve_path(params.get("output_root", "outputs")) / params.get("run_name", "run"), since=start)
     return 0
+
+
+def print_run_results(run_dir: Path, since: float = 0.0) -> None:
+    """End a run with its headline numbers: held-out accuracy (notebook 05) and the before/after metric table
+    (notebook 06), when this run wrote them."""
+    from actionft.metrics import summary_table
+
+    fresh = lambda name: (run_dir / name).is_file() and (run_dir / name).stat().st_mtime >= since  # noqa: E731
+    if fresh("accuracy.json"):
+        acc = json.loads((run_dir / "accuracy.json").read_text())
+        print(f"held-out accuracy (n={acc['n']}): base {acc['base']:.3f}, fine-tuned {acc['finetuned']:.3f}, "
+              f"chance {acc['chance']:.3f}   [{run_dir / 'accuracy.json'}]")
+    if fresh("metrics.json"):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        print(f"base vs fine-tuned on {metrics['n']} held-out clips   [{run_dir / 'metrics.json'}]")
+        print(summary_table({"base": metrics["base"], "finetuned": metrics["finetuned"]}))
 
 
 def main(argv: list[str] | None = None) -> int:
