@@ -151,14 +151,15 @@ def test_b_frames_skipped_before_the_target_do_not_change_the_picks(tmp_path, mo
         _check_picks(clip, images, times, n)
 
 
+@pytest.mark.parametrize("size", [None, (24, 32)], ids=["as-decoded", "downscaled"])
 @pytest.mark.parametrize("rotation", [90, 180, 270])
-def test_rotation_is_applied(tmp_path, rotation):
+def test_rotation_is_applied(tmp_path, rotation, size):
     clip = write_video(tmp_path / f"rot{rotation}.mp4", rotation=rotation, options={"preset": "ultrafast"})
     info = probe_video(clip.path)
     assert info.rotation == rotation
     assert (info.width, info.height) == (64, 48)  # as displayed
-    images, times, info = read_frames(clip.path, 4)
-    assert all(img.size == (64, 48) for img in images)
+    images, times, info = read_frames(clip.path, 4, size=size)
+    assert all(img.size == ((64, 48) if size is None else (32, 24)) for img in images)  # (height 24, width 32)
     _check_picks(clip, images, times)  # includes: the white corner is top-left, i.e. upright
 
 
