@@ -37,6 +37,18 @@ def test_exactly_one_parameters_cell(notebook):
     assert tagged[0].cell_type == "code" and tagged[0].source.strip()
 
 
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(notebook):
+    """papermill skips (with only a warning) a parameter line it cannot parse, e.g. one whose comment holds an '='.
+    Such a parameter would silently keep its notebook default under `actionft run --set`."""
+    from actionft.notebooks import notebook_parameters
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    source = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = re.findall(r"^([A-Za-z_]\w*)\s*(?::[^=]+)?=", source, flags=re.M)
+    assert assigned and sorted(notebook_parameters(notebook)) == sorted(assigned)
+
+
 def test_dirty_notebook_is_detected_and_cleaned(tmp_path):
     """The check can fail: an executed copy with outputs and metadata is reported, and cleaning fixes it."""
     path = tmp_path / NOTEBOOKS[0].name
