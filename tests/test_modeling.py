@@ -113,7 +113,9 @@ def test_training_signal_checks_agree(tmp_path, processor, synth_samples, with_a
         assert not any(p.requires_grad for p in model.parameters())
     else:
         model = load_model("tiny").eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     rows = training_signal_checks(model, processor, synth_samples[:3], max_soft_tokens=70)
     assert len(rows) == 5 and all(r["ok"] for r in rows), rows
-    assert not any(p.requires_grad for p in model.parameters()) or not with_adapter  # grad flags restored
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # grad flags restored
+    assert all(p.grad is None for p in model.parameters())
     assert not getattr(model, "is_activation_checkpointing", False)

@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "attn_implementation": "sdpa",
     "padding_side": "left",
     "supervised_logits_only": True,
+    "num_processes": None,  # what `--dry-run` plans for; None: the launcher's WORLD_SIZE (1 in a plain process)
 }
 
 # Parameters that only notebooks 00 and 05-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
@@ -494,7 +495,7 @@ def dry_run(params: dict[str, Any]) -> dict[str, Any]:
     """Resolved configuration, optimizer steps and effective batch, without loading any weights."""
     cfg = resolve_config(params)
     splits = load_splits(cfg, check_files=False, progress=False)
-    n_proc = int(params.get("num_processes") or world_size())
+    n_proc = int(cfg["num_processes"] or world_size())
     return {
         "config": cfg,
         "train_samples": len(splits["train"]),
