@@ -531,4 +531,11 @@ def _cli(args: argparse.Namespace) -> int:
     summary = train(params)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # a launched process that exits with its process group alive can abort in the group's threads at shutdown
+        # ("terminate called without an active exception"), failing the whole launch after a good run
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
