@@ -106,8 +106,9 @@ def test_training_signal_checks_agree(tmp_path, processor, synth_samples, with_a
     from actionft.train import lora_target_regex
 
     if with_adapter:
-        lora = get_peft_model(load_model("tiny"), LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(["q_proj", "v_proj"]),
-                                                             init_lora_weights=False))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(["q_proj", "v_proj"]),
+                            init_lora_weights=False)
+        lora = get_peft_model(load_model("tiny"), config)
         lora.save_pretrained(tmp_path / "adapter")
         model, _ = load_for_inference("tiny", tmp_path / "adapter", device="cpu")
         assert not any(p.requires_grad for p in model.parameters())

@@ -82,7 +82,8 @@ def test_run_ends_with_the_headline_numbers_it_wrote(tmp_path, capsys):
     import json
     import time
 
-    (tmp_path / "accuracy.json").write_text(json.dumps({"base": 0.1222, "finetuned": 0.8222, "chance": 0.1111, "n": 90}))
+    accuracy = {"base": 0.1222, "finetuned": 0.8222, "chance": 0.1111, "n": 90}
+    (tmp_path / "accuracy.json").write_text(json.dumps(accuracy))
     (tmp_path / "metrics.json").write_text(json.dumps({"base": {"top1": 0.12, "bleu4": 0.05},
                                                        "finetuned": {"top1": 0.82, "bleu4": 0.61}, "n": 90}))
     print_run_results(tmp_path, since=0.0)

@@ -59,7 +59,7 @@ def test_overrides_apply_in_order_over_file():
     params = load_params(TINY, ["lora_r=4", "bf16=true", "learning_rate=1e-3", "lora_r=8", "new_key=x"])
     assert params["lora_r"] == 8 and params["bf16"] is True and params["learning_rate"] == 1e-3
     assert params["new_key"] == "x"
-    assert params["lora_alpha"] == yaml.safe_load(TINY.read_text())["lora_alpha"]  # untouched keys keep the file's value
+    assert params["lora_alpha"] == yaml.safe_load(TINY.read_text())["lora_alpha"]  # untouched: the file's value
 
 
 def test_exponent_floats_in_params_file(tmp_path):

@@ -105,7 +105,7 @@ def _frame_image(frame, size: int | Sequence[int] | None):
     """
     from PIL import Image
 
-    rotation = frame.rotation  # read before reformat: the new frame does not keep the display matrix
+    rotation = frame.rotation  # taken before reformat, whose new frame need not carry the display matrix
     if size is not None:
         w_t, h_t = _normalise_size(size)
         sideways = round(rotation / 90) % 2 == 1
