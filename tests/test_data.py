@@ -212,3 +212,39 @@ def test_kinetics_sample_validates():
     assert s["image_sizes"] == {"336x336": 800}
     assert len({smp.clip_id for smp in samples}) == 200
     assert 8 <= s["answer_words"]["min"] and s["answer_words"]["max"] <= 43
+
+
+# -- labels from a Kinetics annotation CSV --------------------------------------------------------------------
+def test_kinetics_annotation_csv_as_metadata(broken, tmp_path):
+    """Frames named the Kinetics way (`frames/<youtube_id>_<start:06d>_<end:06d>/...`, as in Kinetics-3K) get
+    their labels from the Kinetics annotation CSV, joined on the clip id; Kinetics' split does not replace the
+    held-out hash split."""
+    root, records = broken
+    ids = ["abcdefghijk_000010_000020", "-x_Y1234567_000000_000010", "zzzzzzzzzzz_000123_000133"]
+    for record, clip_id in zip(records, ids):
+        old = Path(frame_rel(record)).parent
+        shutil.copytree(root / old, root / "frames" / clip_id)
+        for item in record["messages"][0]["content"]:
+            if item["type"] == "image":
+                item["image"] = f"frames/{clip_id}/{Path(item['image']).name}"
+    csv_path = tmp_path / "kinetics_train.csv"
+    csv_path.write_text("label,youtube_id,time_start,time_end,split\n"
+                        "playing guitar,abcdefghijk,10,20,train\n"
+                        "riding a bike,-x_Y1234567,0.0,10.0,val\n"
+                        "unrelated,qqqqqqqqqqq,5,15,train\n")  # the third clip has no row
+    samples = load_dataset(write(root, records[:3]), root, csv_path, split_seed=0, val_fraction=0.0,
+                           test_fraction=1.0, progress=False)
+    by_id = {s.clip_id: s for s in samples}
+    assert by_id[ids[0]].label == "playing guitar" and by_id[ids[1]].label == "riding a bike"
+    assert by_id[ids[2]].label is None
+    assert by_id[ids[1]].meta["kinetics_split"] == "val"
+    assert all(s.split == "test" for s in samples)  # the hash split (all test here), not Kinetics' train/val
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("label,youtube_id,time_start,time_end\nplaying guitar,abcdefghijk,ten,20\n")
+    with pytest.raises(ActionftError, match=r"bad.csv, line 2: time_start/time_end are not numbers"):
+        load_dataset(write(root, records[:3]), root, bad, progress=False)
+    neither = tmp_path / "neither.csv"
+    neither.write_text("video,caption\na.mp4,hello\n")
+    with pytest.raises(ActionftError, match="needs a 'clip_id' column"):
+        load_dataset(write(root, records[:3]), root, neither, progress=False)

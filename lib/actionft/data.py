@@ -246,18 +246,42 @@ def check_media(sample: Sample, expected_frames: int | None, image_sizes: Counte
     return problems
 
 
+KINETICS_COLUMNS = {"label", "youtube_id", "time_start", "time_end"}
+
+
+def kinetics_clip_id(youtube_id: str, time_start, time_end) -> str:
+    """Kinetics clip naming: `<youtube_id>_<start:06d>_<end:06d>` (seconds; the CSVs write them as 10 or 10.0)."""
+    return f"{youtube_id.strip()}_{int(float(time_start)):06d}_{int(float(time_end)):06d}"
+
+
 def read_metadata(path: str | Path | None) -> dict[str, dict[str, str]]:
-    """Per-clip metadata CSV (must have a `clip_id` column) -> {clip_id: row}."""
+    """Per-clip metadata CSV -> {clip_id: row}: a CSV with a `clip_id` column, or a Kinetics annotation CSV
+    (`label,youtube_id,time_start,time_end[,split]`) joined on the Kinetics clip id. Kinetics' own split is kept
+    as `kinetics_split`: the held-out split stays the seeded hash split."""
     if not path:
         return {}
     path = Path(path)
     if not path.is_file():
         raise ActionftError(f"metadata file {path} does not exist (set metadata_path: null to go without)")
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
-    if rows and "clip_id" not in rows[0]:
-        raise ActionftError(f"metadata file {path} needs a 'clip_id' column, found {list(rows[0])}")
-    return {row["clip_id"]: row for row in rows}
+    if not rows or "clip_id" in rows[0]:
+        return {row["clip_id"]: row for row in rows}
+    if not KINETICS_COLUMNS <= set(rows[0]):
+        raise ActionftError(f"metadata file {path} needs a 'clip_id' column (or the Kinetics columns "
+                            f"{sorted(KINETICS_COLUMNS)}), found {list(rows[0])}")
+    out = {}
+    for n, row in enumerate(rows, start=2):  # line numbers as an editor shows them, the header being line 1
+        try:
+            clip_id = kinetics_clip_id(row["youtube_id"], row["time_start"], row["time_end"])
+        except (TypeError, ValueError):
+            raise ActionftError(f"metadata file {path}, line {n}: time_start/time_end are not numbers "
+                                f"({row['time_start']!r}, {row['time_end']!r})") from None
+        meta = {k: v for k, v in row.items() if k != "split"}
+        if row.get("split"):
+            meta["kinetics_split"] = row["split"]
+        out[clip_id] = {"clip_id": clip_id, **meta}
+    return out
 
 
 def assign_split(clip_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:

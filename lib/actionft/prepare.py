@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from actionft import DEFAULT_PROMPT
-from actionft.data import SPLITS, assign_split
+from actionft.data import KINETICS_COLUMNS, SPLITS, assign_split, kinetics_clip_id
 from actionft.errors import ActionftError
 
 ANSWER_TEMPLATE = "The video shows {label}."
@@ -52,7 +52,6 @@ SIDECAR = "done.json"
 DATA_JSON, METADATA_CSV, FAILURES_CSV = "data.json", "metadata.csv", "failures.csv"
 METADATA_COLUMNS = ["clip_id", "split", "label", "source", "fps", "duration", "timestamps", "width", "height"]
 FAILURE_COLUMNS = ["clip_id", "source", "reason"]
-KINETICS_COLUMNS = {"label", "youtube_id", "time_start", "time_end"}
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
                 "validation": "val", "test": "test", "testing": "test"}
 _SIDECAR_VERSION = 1
@@ -137,14 +136,13 @@ def load_annotations(path: str | Path, answer_template: str = ANSWER_TEMPLATE) -
         label = _text(row.get("label"))
         if kind == "kinetics":
             try:
-                start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+                clip_id, file = kinetics_clip_id(_text(row.get("youtube_id")), row["time_start"], row["time_end"]), ""
             except (TypeError, ValueError):
                 yid = _text(row.get("youtube_id")) or f"row{n}"
                 spec = specs.setdefault(yid, ClipSpec(yid, label=label, row=n))
                 spec.problem = f"annotation row {n}: time_start/time_end are not numbers"
                 spec.problem_kind = "bad annotation"
                 continue
-            clip_id, file = f"{_text(row.get('youtube_id'))}_{start:06d}_{end:06d}", ""
         else:
             file = _text(row.get("file")) or _text(row.get("clip"))
             clip_id = _text(row.get("clip_id")) or (Path(file).stem if file else "")
