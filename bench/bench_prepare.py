@@ -4,7 +4,8 @@ Generates N H.264 clips (default 12 x 10 s, 640x360, 25 fps, textured moving con
 times, on the same clips and in one process each (a fresh subprocess per method, so peak RSS is honest):
 
   (a) seek:  `actionft.frames.read_frames(path, 4, size=336)`, single process
-  (b) naive: decode every frame to an RGB array in a list, pick 4 uniformly, resize/crop those 4 to 336
+  (b) naive: decode every frame to an RGB array in a list (`to_ndarray("rgb24")`, as the reference training code
+      did for video items), pick 4 uniformly, resize/crop those 4 to 336
 
 and prints clips/s, the speed ratio and peak memory: the peak RSS of the process and its rise over the RSS after
 imports (FFmpeg's frame buffers live outside Python's allocator, so tracemalloc would not see them).
