@@ -80,6 +80,13 @@ def _normalise_size(size: int | Sequence[int]) -> tuple[int, int]:
     return w, h
 
 
+def _cover_size(w: int, h: int, size: int | Sequence[int]) -> tuple[int, int]:
+    """The smallest (w, h) with the aspect of `w` x `h` that covers `size`."""
+    w_t, h_t = _normalise_size(size)
+    scale = max(w_t / w, h_t / h)
+    return max(w_t, round(w * scale)), max(h_t, round(h * scale))
+
+
 def resize_center_crop(img, size: int | Sequence[int]):
     """Resize so the picture covers `size` then crop the centre: an int S gives SxS, a tuple is (height, width)."""
     from PIL import Image
@@ -88,8 +95,7 @@ def resize_center_crop(img, size: int | Sequence[int]):
     w, h = img.size
     if (w, h) == (w_t, h_t):
         return img
-    scale = max(w_t / w, h_t / h)
-    new_w, new_h = max(w_t, round(w * scale)), max(h_t, round(h * scale))
+    new_w, new_h = _cover_size(w, h, size)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (new_w - w_t) // 2, (new_h - h_t) // 2
@@ -107,12 +113,10 @@ def _frame_image(frame, size: int | Sequence[int] | None):
 
     rotation = frame.rotation  # taken before reformat, whose new frame need not carry the display matrix
     if size is not None:
-        w_t, h_t = _normalise_size(size)
         sideways = round(rotation / 90) % 2 == 1
         w, h = (frame.height, frame.width) if sideways else (frame.width, frame.height)  # upright size
-        scale = max(w_t / w, h_t / h)
-        if scale < 1:
-            new_w, new_h = max(w_t, round(w * scale)), max(h_t, round(h * scale))
+        new_w, new_h = _cover_size(w, h, size)
+        if new_w < w:  # a downscale: swscale does it; resize_center_crop below then only crops
             if sideways:
                 new_w, new_h = new_h, new_w
             frame = frame.reformat(width=new_w, height=new_h, interpolation="BICUBIC")

@@ -136,13 +136,14 @@ def load_annotations(path: str | Path, answer_template: str = ANSWER_TEMPLATE) -
         label = _text(row.get("label"))
         if kind == "kinetics":
             try:
-                clip_id, file = kinetics_clip_id(_text(row.get("youtube_id")), row["time_start"], row["time_end"]), ""
+                clip_id = kinetics_clip_id(_text(row.get("youtube_id")), row["time_start"], row["time_end"])
             except (TypeError, ValueError):
                 yid = _text(row.get("youtube_id")) or f"row{n}"
                 spec = specs.setdefault(yid, ClipSpec(yid, label=label, row=n))
                 spec.problem = f"annotation row {n}: time_start/time_end are not numbers"
                 spec.problem_kind = "bad annotation"
                 continue
+            file = ""
         else:
             file = _text(row.get("file")) or _text(row.get("clip"))
             clip_id = _text(row.get("clip_id")) or (Path(file).stem if file else "")
