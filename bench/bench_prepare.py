@@ -1,16 +1,19 @@
 """Benchmark: seek-based `read_frames` against decoding every frame and then subsampling.
 
 Generates N H.264 clips (default 12 x 10 s, 640x360, 25 fps, textured moving content) in a temporary folder, then
-times, on the same clips and in one process each (a fresh subprocess per method, so peak RSS is honest):
+times, on the same clips and in one process each (a subprocess per method, so peak RSS is honest):
 
   (a) seek:  `actionft.frames.read_frames(path, 4, size=336)`, single process
   (b) naive: decode every frame to an RGB array in a list (`to_ndarray("rgb24")`, as the reference training code
       did for video items), pick 4 uniformly, resize/crop those 4 to 336
 
-and prints clips/s, the speed ratio and peak memory: the peak RSS of the process and its rise over the RSS after
+in rounds that run one pass of each back to back (alternating which goes first, so a slow spell of a shared machine
+hits both), and prints clips/s (median and best pass), the speed ratio (median of the rounds' ratios, with their
+range) and peak memory: the peak RSS of the process and its rise over the RSS after
 imports (FFmpeg's frame buffers live outside Python's allocator, so tracemalloc would not see them).
 
     .venv/bin/python bench/bench_prepare.py [--clips 12] [--seconds 10] [--fps 25] [--size 640x360] [--gop 250]
+                                            [--repeat 7]
 
 `--gop` is the keyframe interval in frames (250 = libx264's default: one keyframe in a 10 s clip, the hardest case
 for seeking; YouTube-style files often have one every 2-5 s). `--content noise` makes every frame a P-frame
@@ -99,8 +102,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; macOS: bytes (roughly)
 
 
-def run_one(method: str, clips: list[str], repeat: int = 1) -> dict:
-    """Time one method over the clips in this process (called in a subprocess); the best of `repeat` passes."""
+def serve(method: str, clips: list[str]) -> None:
+    """A measuring child (one per method, so peak RSS is its own): after a warm-up it prints `ready`, then times one
+    pass over the clips for every `pass` line on stdin and prints the seconds; `done` prints the memory figures."""
     from actionft.frames import read_frames
 
     if method == "seek":
@@ -115,17 +119,57 @@ def run_one(method: str, clips: list[str], repeat: int = 1) -> dict:
     from PIL import Image  # noqa: F401
 
     base_rss = _rss_mb()
-    fn(clips[0])  # warm-up (codec init, first allocations); timed runs follow
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for p in clips:
-            images = fn(p)
-            assert len(images) == 4 and images[0].size == (336, 336)
-        times.append(time.perf_counter() - t0)
-    seconds = min(times)
-    return {"method": method, "clips": len(clips), "seconds": seconds, "peak_rss_mb": _rss_mb(),
-            "rss_rise_mb": _rss_mb() - base_rss}
+    fn(clips[0])  # warm-up (codec init, first allocations); timed passes follow
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "pass":
+            t0 = time.perf_counter()
+            for p in clips:
+                images = fn(p)
+                assert len(images) == 4 and images[0].size == (336, 336)
+            print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+        else:
+            break
+    print(json.dumps({"peak_rss_mb": _rss_mb(), "rss_rise_mb": _rss_mb() - base_rss}), flush=True)
+
+
+class _Child:
+    def __init__(self, method: str, folder: Path):
+        cmd = [sys.executable, __file__, "--serve", method, "--dir", str(folder)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def read(self) -> dict:
+        out = self.proc.stdout.readline()
+        if not out:
+            raise SystemExit(f"the measuring process exited with code {self.proc.wait()}")
+        return json.loads(out)
+
+
+def measure(folder: Path, repeat: int) -> dict:
+    """Interleaved passes: each round times one pass of each method, back to back (the order alternates), so a
+    slow spell of a shared machine hits both; the speed-up is the median of the rounds' ratios."""
+    children = {m: _Child(m, folder) for m in ("seek", "naive")}
+    for child in children.values():
+        child.read()  # ready
+    seconds: dict[str, list[float]] = {m: [] for m in children}
+    for r in range(repeat):
+        for m in (("seek", "naive") if r % 2 == 0 else ("naive", "seek")):
+            seconds[m].append(children[m].ask("pass")["seconds"])
+    memory = {m: child.ask("done") for m, child in children.items()}
+    for child in children.values():
+        child.proc.wait()
+    ratios = sorted(n / s for n, s in zip(seconds["naive"], seconds["seek"]))
+    return {"seconds": seconds, "memory": memory, "ratios": ratios}
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[len(v) // 2] + v[(len(v) - 1) // 2]) / 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,14 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gop", type=int, default=250, help="keyframe interval in frames (250: libx264 default)")
     ap.add_argument("--content", choices=["smooth", "noise"], default="smooth",
                     help="smooth: natural-video-like, mostly B-frames (default); noise: worst case, no B-frames")
-    ap.add_argument("--repeat", type=int, default=3, help="passes over the clips per method; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=7, help="rounds of one pass per method")
     ap.add_argument("--dir", help="use/keep the clips in this folder instead of a temporary one")
-    ap.add_argument("--run", choices=["seek", "naive"], help=argparse.SUPPRESS)  # internal: one measurement
+    ap.add_argument("--serve", choices=["seek", "naive"], help=argparse.SUPPRESS)  # internal: a measuring child
     args = ap.parse_args(argv)
 
-    if args.run:
-        clips = sorted(str(p) for p in Path(args.dir).glob("clip_*.mp4"))
-        print(json.dumps(run_one(args.run, clips, args.repeat)))
+    if args.serve:
+        serve(args.serve, sorted(str(p) for p in Path(args.dir).glob("clip_*.mp4")))
         return 0
 
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -158,20 +201,18 @@ def main(argv: list[str] | None = None) -> int:
                 make_clip(path, args.seconds, args.fps, width, height, args.gop, seed=i, content=args.content)
         print(f"{args.clips} clips of {args.seconds:g} s, {width}x{height} @ {args.fps} fps, H.264 ({args.content} "
               f"content), keyframe every {args.gop} frames ({time.perf_counter() - t0:.1f} s to generate)")
-        results = {}
-        for method in ("seek", "naive"):
-            cmd = [sys.executable, __file__, "--run", method, "--dir", str(folder), "--repeat", str(args.repeat)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        result = measure(folder, args.repeat)
     print()
-    print(f"{'method':<34} {'clips/s':>8} {'s/clip':>8} {'peak RSS MB':>12} {'RSS rise MB':>12}")
+    print(f"{'method':<34} {'clips/s':>8} {'best':>8} {'s/clip':>8} {'peak RSS MB':>12} {'RSS rise MB':>12}")
     names = {"seek": "(a) read_frames, seek (this)", "naive": "(b) decode all, then subsample"}
-    for method, r in results.items():
-        rate = r["clips"] / r["seconds"]
-        print(f"{names[method]:<34} {rate:>8.2f} {r['seconds'] / r['clips']:>8.3f} {r['peak_rss_mb']:>12.0f} "
-              f"{r['rss_rise_mb']:>12.0f}")
-    ratio = results["naive"]["seconds"] / results["seek"]["seconds"]
-    print(f"\nspeed-up of (a) over (b): {ratio:.1f}x (target >= 5x)")
+    for method, secs in result["seconds"].items():
+        mem = result["memory"][method]
+        median = _median(secs)
+        print(f"{names[method]:<34} {args.clips / median:>8.2f} {args.clips / min(secs):>8.2f} "
+              f"{median / args.clips:>8.3f} {mem['peak_rss_mb']:>12.0f} {mem['rss_rise_mb']:>12.0f}")
+    ratios = result["ratios"]
+    print(f"\nspeed-up of (a) over (b): {_median(ratios):.1f}x (target >= 5x); median of {len(ratios)} rounds, "
+          f"each one pass of both back to back; range {ratios[0]:.1f}x-{ratios[-1]:.1f}x")
     return 0
 
 

@@ -149,6 +149,13 @@ def test_b_frames_skipped_before_the_target_do_not_change_the_picks(tmp_path, mo
     for n in (4, 7, 12):
         images, times, _ = read_frames(clip.path, n)
         _check_picks(clip, images, times, n)
+    # Targets one to three frames apart, on frames and between them: the skipping restarts at every target.
+    for stride in (1, 2, 3):
+        for offset in (0.0, 0.01):
+            ts = [k / 20 + offset for k in range(1, 39, stride)]
+            images, times, _ = read_frames(clip.path, timestamps=ts)
+            expected = [clip.frame_at_or_after(t) for t in ts]
+            assert [index_of(img, 40) for img in images] == expected, (stride, offset)
 
 
 @pytest.mark.parametrize("size", [None, (24, 32)], ids=["as-decoded", "downscaled"])

@@ -106,22 +106,27 @@ def _frame_image(frame, size: int | Sequence[int] | None):
     """A decoded frame as an upright RGB picture, resized and centre-cropped to `size` (None: as decoded).
 
     A downscale happens in FFmpeg's swscale on the YUV planes before the RGB conversion (its bicubic filter widens
-    with the scale factor, so no aliasing); with the conversion through `to_ndarray` that is several times cheaper
-    than `to_image()` on the full frame followed by a PIL resize.
+    with the scale factor, so no aliasing), and the turn and the crop are numpy views, so only the final picture is
+    copied: several times cheaper than `to_image()` on the full frame followed by a PIL resize.
     """
+    import numpy as np
     from PIL import Image
 
     rotation = frame.rotation  # taken before reformat, whose new frame need not carry the display matrix
-    if size is not None:
-        sideways = round(rotation / 90) % 2 == 1
-        w, h = (frame.height, frame.width) if sideways else (frame.width, frame.height)  # upright size
-        new_w, new_h = _cover_size(w, h, size)
-        if new_w < w:  # a downscale: swscale does it; resize_center_crop below then only crops
-            if sideways:
-                new_w, new_h = new_h, new_w
-            frame = frame.reformat(width=new_w, height=new_h, interpolation="BICUBIC")
+    turns = round(rotation / 90) % 4  # counter-clockwise quarter turns
+    if size is None:
+        return _upright(Image.fromarray(frame.to_ndarray(format="rgb24")), rotation)
+    w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)  # upright size
+    new_w, new_h = _cover_size(w, h, size)
+    if new_w < w:  # a downscale: swscale does it; then only a crop is left
+        frame = frame.reformat(width=new_h if turns % 2 else new_w, height=new_w if turns % 2 else new_h,
+                               interpolation="BICUBIC")
+        array = np.rot90(frame.to_ndarray(format="rgb24"), k=turns)
+        w_t, h_t = _normalise_size(size)
+        left, top = (new_w - w_t) // 2, (new_h - h_t) // 2
+        return Image.fromarray(np.ascontiguousarray(array[top : top + h_t, left : left + w_t]))
     img = _upright(Image.fromarray(frame.to_ndarray(format="rgb24")), rotation)
-    return resize_center_crop(img, size) if size is not None else img
+    return resize_center_crop(img, size)
 
 
 def _upright(img, rotation: int):
@@ -330,7 +335,7 @@ def probe_video(path: str | Path) -> VideoInfo:
 
 def _frame_seconds(frame, start: int, tb: Fraction) -> float | None:
     pts = frame.pts
-    return None if pts is None else float((pts - start) * tb)
+    return None if pts is None else (pts - start) * tb.numerator / tb.denominator  # == float(Fraction), rounded once
 
 
 def _keyframe_times(stream) -> list[int]:
@@ -361,11 +366,13 @@ def _seek_read(container, stream, targets: list[float], duration: float) -> list
     skip_below: list[float | None] = [None]  # pts under which non-reference frames are skipped (None: none)
 
     def decode_from_here():
+        skipping = cc.skip_frame == "NONREF"
         for packet in container.demux(stream):
             below = skip_below[0]
-            want = "NONREF" if below is not None and packet.pts is not None and packet.pts < below else "DEFAULT"
-            if cc.skip_frame != want:
-                cc.skip_frame = want
+            skip = below is not None and packet.pts is not None and packet.pts < below
+            if skip != skipping:  # only set on a change: the property goes through an enum each time
+                cc.skip_frame = "NONREF" if skip else "DEFAULT"
+                skipping = skip
             yield from packet.decode()
 
     def seek_to(t: float):
@@ -377,7 +384,7 @@ def _seek_read(container, stream, targets: list[float], duration: float) -> list
         for j in order:
             t = targets[j]
             # Past (or at) the end the pick is the last frame, which must not be skipped.
-            skip_below[0] = start + (t - 1e-3) / tb if t < duration - 0.05 else None
+            skip_below[0] = start + (t - 1e-3) * tb.denominator / tb.numerator if t < duration - 0.05 else None
             if last is not None and last[0] >= t - _EPS:
                 picked[j] = last  # already there: targets are sorted, so it's the first frame at/after t
                 continue
