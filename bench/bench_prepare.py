@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -77,18 +78,30 @@ def make_clip(path: Path, seconds: float, fps: int, width: int, height: int, gop
 
 
 def read_all_frames_then_sample(path, num_frames: int = 4, size: int | None = 336):
-    """The naive baseline: decode every frame into a list of RGB arrays, then pick `num_frames` uniformly."""
+    """The naive baseline: decode every frame into a list of RGB arrays, then pick `num_frames` uniformly (the first
+    frame at or after each segment centre, as `read_frames` does). Returns the pictures and the picks' times."""
     import av
     from PIL import Image
 
     from actionft.frames import resize_center_crop
 
     with av.open(str(path)) as container:
-        arrays = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    n = len(arrays)
-    picks = [arrays[min(n - 1, int((i + 0.5) * n / num_frames))] for i in range(num_frames)]
-    images = [Image.fromarray(a) for a in picks]
-    return [resize_center_crop(img, size) for img in images] if size else images
+        decoded = [(frame.time, frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
+    n = len(decoded)
+    picks = [decoded[min(n - 1, math.ceil((i + 0.5) * n / num_frames - 1e-9))] for i in range(num_frames)]
+    images = [Image.fromarray(a) for _, a in picks]
+    return ([resize_center_crop(img, size) for img in images] if size else images), [t for t, _ in picks]
+
+
+def check_same_picks(clips: list[str]) -> None:
+    """Both methods must return the same frames, or the comparison means nothing: compare the picks' times."""
+    from actionft.frames import read_frames
+
+    for p in clips:
+        seek_times = read_frames(p, 4, size=336)[1]
+        naive_times = read_all_frames_then_sample(p, 4, 336)[1]
+        if any(abs(a - b) > 1e-6 for a, b in zip(seek_times, naive_times)):
+            raise SystemExit(f"{p}: the two methods picked different frames ({seek_times} vs {naive_times})")
 
 
 def _rss_mb() -> float:
@@ -112,7 +125,7 @@ def serve(method: str, clips: list[str]) -> None:
             return read_frames(p, 4, size=336)[0]
     else:
         def fn(p):
-            return read_all_frames_then_sample(p, 4, 336)
+            return read_all_frames_then_sample(p, 4, 336)[0]
 
     import av  # noqa: F401  (imported before the baseline so it is not counted)
     import numpy  # noqa: F401
@@ -134,8 +147,8 @@ def serve(method: str, clips: list[str]) -> None:
 
 
 class _Child:
-    def __init__(self, method: str, folder: Path):
-        cmd = [sys.executable, __file__, "--serve", method, "--dir", str(folder)]
+    def __init__(self, method: str, folder: Path, clips: int):
+        cmd = [sys.executable, __file__, "--serve", method, "--dir", str(folder), "--clips", str(clips)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, line: str) -> dict:
@@ -150,10 +163,10 @@ class _Child:
         return json.loads(out)
 
 
-def measure(folder: Path, repeat: int) -> dict:
+def measure(folder: Path, clips: int, repeat: int) -> dict:
     """Interleaved passes: each round times one pass of each method, back to back (the order alternates), so a
     slow spell of a shared machine hits both; the speed-up is the median of the rounds' ratios."""
-    children = {m: _Child(m, folder) for m in ("seek", "naive")}
+    children = {m: _Child(m, folder, clips) for m in ("seek", "naive")}
     for child in children.values():
         child.read()  # ready
     seconds: dict[str, list[float]] = {m: [] for m in children}
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.serve:
-        serve(args.serve, sorted(str(p) for p in Path(args.dir).glob("clip_*.mp4")))
+        serve(args.serve, sorted(str(p) for p in Path(args.dir).glob("clip_*.mp4"))[: args.clips])
         return 0
 
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -201,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 make_clip(path, args.seconds, args.fps, width, height, args.gop, seed=i, content=args.content)
         print(f"{args.clips} clips of {args.seconds:g} s, {width}x{height} @ {args.fps} fps, H.264 ({args.content} "
               f"content), keyframe every {args.gop} frames ({time.perf_counter() - t0:.1f} s to generate)")
-        result = measure(folder, args.repeat)
+        clips = sorted(str(p) for p in folder.glob("clip_*.mp4"))[: args.clips]
+        check_same_picks(clips)
+        print(f"both methods pick the same 4 frames of each clip (checked on all {len(clips)})")
+        result = measure(folder, len(clips), args.repeat)
     print()
     print(f"{'method':<34} {'clips/s':>8} {'best':>8} {'s/clip':>8} {'peak RSS MB':>12} {'RSS rise MB':>12}")
     names = {"seek": "(a) read_frames, seek (this)", "naive": "(b) decode all, then subsample"}

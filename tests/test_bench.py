@@ -126,3 +126,30 @@ def test_dry_run_e4b_needs_no_gpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "would run fastest: b8x1 left kept" in proc.stdout
     assert "pixel_values [4, 2520, 768]" in proc.stdout
+
+
+def test_bench_prepare_runs_and_compares_the_same_frames(tmp_path):
+    """A small run of bench/bench_prepare.py: both methods pick the same frames and the table and ratio are printed."""
+    script = REPO / "bench" / "bench_prepare.py"
+    cmd = [sys.executable, str(script), "--clips", "2", "--seconds", "2", "--size", "320x180", "--repeat", "1",
+           "--dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "both methods pick the same 4 frames of each clip (checked on all 2)" in out.stdout
+    rows = {line.split("  ")[0]: line.split() for line in out.stdout.splitlines() if line.startswith("(")}
+    seek, naive = rows["(a) read_frames, seek (this)"], rows["(b) decode all, then subsample"]
+    assert float(seek[-5]) > 0 and float(naive[-5]) > 0  # clips/s
+    ratio = float(out.stdout.split("speed-up of (a) over (b): ")[1].split("x")[0])
+    assert ratio == pytest.approx(float(seek[-5]) / float(naive[-5]), rel=0.05)  # one round: ratio of the passes
+
+
+def test_bench_prepare_refuses_different_picks(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_prepare", REPO / "bench" / "bench_prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    clip = tmp_path / "clip_000.mp4"
+    module.make_clip(clip, 1.0, 25, 160, 96, 250, seed=0)
+    module.check_same_picks([str(clip)])
+    monkeypatch.setattr(module, "read_all_frames_then_sample", lambda p, n, s: (None, [0.0, 0.5, 1.0, 1.5]))
+    with pytest.raises(SystemExit, match="picked different frames"):
+        module.check_same_picks([str(clip)])
