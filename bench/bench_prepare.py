@@ -5,12 +5,13 @@ times, on the same clips and in one process each (a subprocess per method, so pe
 
   (a) seek:  `actionft.frames.read_frames(path, 4, size=336)`, single process
   (b) naive: decode every frame to an RGB array in a list (`to_ndarray("rgb24")`, as the reference training code
-      did for video items), pick 4 uniformly, resize/crop those 4 to 336
+      did for video items), pick the same 4 (first frame at/after each segment centre), resize/crop them to 336
 
 in rounds that run one pass of each back to back (alternating which goes first, so a slow spell of a shared machine
 hits both), and prints clips/s (median and best pass), the speed ratio (median of the rounds' ratios, with their
-range) and peak memory: the peak RSS of the process and its rise over the RSS after
-imports (FFmpeg's frame buffers live outside Python's allocator, so tracemalloc would not see them).
+range) and peak memory: the peak RSS of the process and its rise over the RSS after imports (FFmpeg's frame buffers
+live outside Python's allocator, so tracemalloc would not see them). Before timing it checks, by their times, that
+both methods pick the same frames of every clip.
 
     .venv/bin/python bench/bench_prepare.py [--clips 12] [--seconds 10] [--fps 25] [--size 640x360] [--gop 250]
                                             [--repeat 7]
