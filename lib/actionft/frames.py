@@ -139,19 +139,18 @@ def _frame_image(frame, size: int | Sequence[int] | None):
 
     rotation = frame.rotation  # taken before reformat, whose new frame need not carry the display matrix
     turns = round(rotation / 90) % 4  # counter-clockwise quarter turns
-    if size is None:
-        return _upright(Image.fromarray(_rgb_array(frame)), rotation)
-    w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)  # upright size
-    new_w, new_h = _cover_size(w, h, size)
-    if new_w < w:  # a downscale: swscale does it; then only a crop is left
-        frame = _reformat("scale", frame, width=new_h if turns % 2 else new_w, height=new_w if turns % 2 else new_h,
-                          interpolation="BICUBIC")
-        array = np.rot90(_rgb_array(frame), k=turns)
-        w_t, h_t = _normalise_size(size)
-        left, top = (new_w - w_t) // 2, (new_h - h_t) // 2
-        return Image.fromarray(np.ascontiguousarray(array[top : top + h_t, left : left + w_t]))
+    if size is not None:
+        w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)  # upright size
+        new_w, new_h = _cover_size(w, h, size)
+        if new_w < w:  # a downscale: swscale does it; then only a crop is left
+            frame = _reformat("scale", frame, width=new_h if turns % 2 else new_w,
+                              height=new_w if turns % 2 else new_h, interpolation="BICUBIC")
+            array = np.rot90(_rgb_array(frame), k=turns)
+            w_t, h_t = _normalise_size(size)
+            left, top = (new_w - w_t) // 2, (new_h - h_t) // 2
+            return Image.fromarray(np.ascontiguousarray(array[top : top + h_t, left : left + w_t]))
     img = _upright(Image.fromarray(_rgb_array(frame)), rotation)
-    return resize_center_crop(img, size)
+    return resize_center_crop(img, size) if size is not None else img
 
 
 def _upright(img, rotation: int):
