@@ -255,3 +255,32 @@ def test_broken_files_raise_clear_errors(tmp_path, clips, kind):
         assert isinstance(err.value, ActionftError)
         assert str(path) in str(err.value) and words in str(err.value)
         assert err.value.kind == want_kind
+
+
+def test_reused_swscale_contexts_give_the_pixels_of_fresh_ones(tmp_path):
+    """`_frame_image` keeps one swscale context per step and thread; frames of other sizes, turns and target sizes
+    in between must not change its output (compared with PyAV's own one-context-per-frame path)."""
+    import av
+    import numpy as np
+
+    clips = [write_video(tmp_path / "a.mp4", size=(160, 96), options={"preset": "ultrafast"}),
+             write_video(tmp_path / "b.mp4", size=(96, 64), rotation=90, options={"preset": "ultrafast"})]
+    frames = []
+    for clip in clips:
+        with av.open(str(clip.path)) as container:
+            frames += [f for _, f in zip(range(3), container.decode(video=0))]
+    frames = [frames[i] for i in (0, 3, 1, 4, 2, 5)]  # alternate the two sources
+
+    def fresh(frame, size):
+        turns = round(frame.rotation / 90) % 4
+        w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+        new_w, new_h = F._cover_size(w, h, size)
+        if turns % 2:
+            new_w, new_h = new_h, new_w
+        small = frame.reformat(width=new_w, height=new_h, interpolation="BICUBIC")
+        return resize_center_crop(F._upright(Image.fromarray(small.to_ndarray(format="rgb24")), frame.rotation), size)
+
+    for size in (48, (20, 36), 40):
+        for frame in frames:
+            got = F._frame_image(frame, size)
+            assert np.array_equal(np.asarray(got), np.asarray(fresh(frame, size))), (size, frame.width)
