@@ -106,7 +106,8 @@ def decode_only(path) -> list:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         info = frames._info(container, stream, Path(path))
-        return [f for _, f in frames._seek_read(container, stream, frames.sample_times(info.duration, 4), info.duration)]
+        picked = frames._seek_read(container, stream, frames.sample_times(info.duration, 4), info.duration)
+    return [f for _, f in picked]
 
 
 def check_same_picks(clips: list[str]) -> None:
