@@ -1,27 +1,30 @@
 """Benchmark: seek-based `read_frames` against decoding every frame and then subsampling.
 
-Generates N H.264 clips (default 12 x 10 s, 640x360, 25 fps, textured moving content) in a temporary folder, then
-times, on the same clips and in one process each (a subprocess per method, so peak RSS is honest):
+For each keyframe layout (`--layouts`) it generates N H.264 clips (default 12 x 10 s, 640x360, textured moving
+content) in a folder of their own, then times, on the same clips and in one process each (a subprocess per method,
+so peak RSS is honest):
 
   (a) seek:  `actionft.frames.read_frames(path, 4, size=336)`, single process
   (b) naive: decode every frame to an RGB array in a list (`to_ndarray("rgb24")`, as the reference training code
       did for video items), pick the same 4 (first frame at/after each segment centre), resize/crop them to 336
   (c) decode only: (a)'s opening, seeking and decoding, without turning the 4 picks into pictures. The frames it
-      decodes (every reference frame up to the last pick, and the picks) are what any reader of exactly these
-      frames has to decode, so (b)/(c) is about the most such a reader can gain over (b)
+      decodes (every reference frame up to each pick from the keyframe before it, and the picks) are what any reader
+      of exactly these frames has to decode, so (b)/(c) is about the most such a reader can gain over (b)
 
 in rounds that run one pass of each back to back (alternating which goes first, so a slow spell of a shared machine
 hits both), and prints clips/s (median and best pass), the speed ratio (median of the rounds' ratios, with their
 range) and peak memory: the peak RSS of the process and its rise over the RSS after imports (FFmpeg's frame buffers
 live outside Python's allocator, so tracemalloc would not see them). Before timing it checks, by their times, that
-both methods pick the same frames of every clip.
+both methods pick the same frames of every clip. A summary table of all layouts comes last.
 
-    .venv/bin/python bench/bench_prepare.py [--clips 12] [--seconds 10] [--fps 25] [--size 640x360] [--gop 250]
-                                            [--repeat 7]
+    .venv/bin/python bench/bench_prepare.py [--layouts 25:250,30:250,25:50] [--clips 12] [--seconds 10]
+                                            [--size 640x360] [--repeat 7] [--dir DIR]
 
-`--gop` is the keyframe interval in frames (250 = libx264's default: one keyframe in a 10 s clip, the hardest case
-for seeking; YouTube-style files often have one every 2-5 s). `--content noise` makes every frame a P-frame
-(high-entropy texture, no B-frames), the worst case: nothing can be skipped between keyframes.
+A layout is `FPS:GOP`, GOP being libx264's maximum keyframe interval in frames. The default three: 25:250, one
+keyframe per 10 s clip, the hardest case for seeking (the last sample, at 87.5% of the clip, needs every reference
+frame before it); 30:250, libx264's default keyint at 30 fps, as in clips re-encoded with ffmpeg's defaults (a
+second keyframe at 8.3 s); 25:50, a keyframe every 2 s, as in many streaming/YouTube files. `--content noise` makes
+every frame a P-frame (high-entropy texture, no B-frames), the worst case: nothing can be skipped between keyframes.
 """
 
 from __future__ import annotations
@@ -208,40 +211,40 @@ def _median(values: list[float]) -> float:
     return (v[len(v) // 2] + v[(len(v) - 1) // 2]) / 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=12)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--fps", type=int, default=25)
-    ap.add_argument("--size", default="640x360", help="WxH of the generated clips")
-    ap.add_argument("--gop", type=int, default=250, help="keyframe interval in frames (250: libx264 default)")
-    ap.add_argument("--content", choices=["smooth", "noise"], default="smooth",
-                    help="smooth: natural-video-like, mostly B-frames (default); noise: worst case, no B-frames")
-    ap.add_argument("--repeat", type=int, default=7, help="rounds of one pass per method")
-    ap.add_argument("--dir", help="use/keep the clips in this folder instead of a temporary one")
-    ap.add_argument("--serve", choices=METHODS, help=argparse.SUPPRESS)  # internal: a measuring child
-    args = ap.parse_args(argv)
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    """"25:250,30:250" -> [(25, 250), (30, 250)]: frames per second and the keyframe interval in frames."""
+    layouts = []
+    for item in text.split(","):
+        try:
+            fps, gop = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--layouts: {item!r} is not FPS:GOP (e.g. 25:250)") from None
+        if fps < 1 or gop < 1:
+            raise SystemExit(f"--layouts: {item!r}: FPS and GOP must be positive")
+        layouts.append((fps, gop))
+    return layouts
 
-    if args.serve:
-        serve(args.serve, sorted(str(p) for p in Path(args.dir).glob("clip_*.mp4"))[: args.clips])
-        return 0
 
-    width, height = (int(v) for v in args.size.lower().split("x"))
-    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
-        folder = Path(args.dir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        for i in range(args.clips):
-            path = folder / f"clip_{i:03d}.mp4"
-            if not path.exists():
-                make_clip(path, args.seconds, args.fps, width, height, args.gop, seed=i, content=args.content)
-        print(f"{args.clips} clips of {args.seconds:g} s, {width}x{height} @ {args.fps} fps, H.264 ({args.content} "
-              f"content), keyframe every {args.gop} frames ({time.perf_counter() - t0:.1f} s to generate)")
-        clips = sorted(str(p) for p in folder.glob("clip_*.mp4"))[: args.clips]
-        check_same_picks(clips)
-        print(f"both methods pick the same 4 frames of each clip (checked on all {len(clips)})")
-        result = measure(folder, len(clips), args.repeat)
-    print()
+def _layout_name(fps: int, gop: int, seconds: float) -> str:
+    keyframes = math.ceil(seconds * fps / gop)
+    every = "one keyframe per clip" if keyframes == 1 else f"a keyframe every {gop / fps:.3g} s"
+    return f"{fps} fps, GOP {gop}: {every}"
+
+
+def run_layout(folder: Path, args, fps: int, gop: int, width: int, height: int) -> dict:
+    """Generate (or reuse) one layout's clips, check the picks, measure and print its table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(args.clips):
+        path = folder / f"clip_{i:03d}.mp4"
+        if not path.exists():
+            make_clip(path, args.seconds, fps, width, height, gop, seed=i, content=args.content)
+    print(f"\n== {_layout_name(fps, gop, args.seconds)}: {args.clips} clips of {args.seconds:g} s, {width}x{height}, "
+          f"H.264 ({args.content} content; {time.perf_counter() - t0:.1f} s to generate)")
+    clips = sorted(str(p) for p in folder.glob("clip_*.mp4"))[: args.clips]
+    check_same_picks(clips)
+    print(f"both methods pick the same 4 frames of each clip (checked on all {len(clips)})")
+    result = measure(folder, len(clips), args.repeat)
     print(f"{'method':<34} {'clips/s':>8} {'best':>8} {'s/clip':>8} {'peak RSS MB':>12} {'RSS rise MB':>12}")
     names = {"seek": "(a) read_frames, seek (this)", "naive": "(b) decode all, then subsample",
              "decode": "(c) (a) without the RGB pictures"}
@@ -251,10 +254,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{names[method]:<34} {args.clips / median:>8.2f} {args.clips / min(secs):>8.2f} "
               f"{median / args.clips:>8.3f} {mem['peak_rss_mb']:>12.0f} {mem['rss_rise_mb']:>12.0f}")
     ratios, bounds = result["ratios"], result["bounds"]
-    print(f"\nspeed-up of (a) over (b): {_median(ratios):.1f}x (target >= 5x); median of {len(ratios)} rounds, "
+    print(f"speed-up of (a) over (b): {_median(ratios):.1f}x (target >= 5x); median of {len(ratios)} rounds, "
           f"each one pass of every method back to back; range {ratios[0]:.1f}x-{ratios[-1]:.1f}x")
     print(f"speed-up with the decoding alone, (b) over (c): {_median(bounds):.1f}x (range {bounds[0]:.1f}x-"
           f"{bounds[-1]:.1f}x): about the most a reader of exactly these frames can reach")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layouts", default="25:250,30:250,25:50",
+                    help="comma-separated FPS:GOP keyframe layouts, one measurement each (default: %(default)s)")
+    ap.add_argument("--clips", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--size", default="640x360", help="WxH of the generated clips")
+    ap.add_argument("--content", choices=["smooth", "noise"], default="smooth",
+                    help="smooth: natural-video-like, mostly B-frames (default); noise: worst case, no B-frames")
+    ap.add_argument("--repeat", type=int, default=7, help="rounds of one pass per method")
+    ap.add_argument("--dir", help="use/keep the clips in this folder (one subfolder per layout) instead of a "
+                                  "temporary one")
+    ap.add_argument("--serve", choices=METHODS, help=argparse.SUPPRESS)  # internal: a measuring child
+    args = ap.parse_args(argv)
+
+    if args.serve:
+        serve(args.serve, sorted(str(p) for p in Path(args.dir).glob("clip_*.mp4"))[: args.clips])
+        return 0
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    layouts = parse_layouts(args.layouts)
+    summary = []
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
+        base = Path(args.dir or tmp)
+        for fps, gop in layouts:
+            folder = base / f"{width}x{height}_{args.seconds:g}s_{fps}fps_gop{gop}_{args.content}"
+            result = run_layout(folder, args, fps, gop, width, height)
+            summary.append((_layout_name(fps, gop, args.seconds), result))
+    print(f"\nsummary ({width}x{height}, {args.seconds:g} s clips, 4 frames at 336x336; speed-ups are medians of "
+          f"{args.repeat} rounds, target >= 5x)")
+    col = max(len(name) for name, _ in summary)
+    print(f"{'layout':<{col}} {'seek clips/s':>12} {'all clips/s':>12} {'speed-up':>9} {'range':>11} "
+          f"{'decoding alone':>15}")
+    for name, result in summary:
+        secs, ratios, bounds = result["seconds"], result["ratios"], result["bounds"]
+        print(f"{name:<{col}} {args.clips / _median(secs['seek']):>12.2f} {args.clips / _median(secs['naive']):>12.2f} "
+              f"{_median(ratios):>8.1f}x {f'{ratios[0]:.1f}-{ratios[-1]:.1f}x':>11} {_median(bounds):>14.1f}x")
     return 0
 
 

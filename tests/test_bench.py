@@ -129,21 +129,36 @@ def test_dry_run_e4b_needs_no_gpu():
 
 
 def test_bench_prepare_runs_and_compares_the_same_frames(tmp_path):
-    """A small run of bench/bench_prepare.py: both methods pick the same frames and the table and ratio are printed."""
+    """A small run of bench/bench_prepare.py on two keyframe layouts: both methods pick the same frames, each layout's
+    table and ratios are printed, and the summary repeats them."""
     script = REPO / "bench" / "bench_prepare.py"
     cmd = [sys.executable, str(script), "--clips", "2", "--seconds", "2", "--size", "320x180", "--repeat", "1",
-           "--dir", str(tmp_path)]
+           "--layouts", "25:250,25:10", "--dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "both methods pick the same 4 frames of each clip (checked on all 2)" in out.stdout
-    rows = {line.split("  ")[0]: line.split() for line in out.stdout.splitlines() if line.startswith("(")}
-    seek, naive = rows["(a) read_frames, seek (this)"], rows["(b) decode all, then subsample"]
-    decode = rows["(c) (a) without the RGB pictures"]
-    assert min(float(seek[-5]), float(naive[-5]), float(decode[-5])) > 0  # clips/s
-    ratio = float(out.stdout.split("speed-up of (a) over (b): ")[1].split("x")[0])
-    assert ratio == pytest.approx(float(seek[-5]) / float(naive[-5]), rel=0.05)  # one round: ratio of the passes
-    bound = float(out.stdout.split("speed-up with the decoding alone, (b) over (c): ")[1].split("x")[0])
-    assert bound == pytest.approx(float(decode[-5]) / float(naive[-5]), rel=0.05)
+    layouts = out.stdout.split("\n== ")[1:]
+    assert [part.split(":")[0] for part in layouts] == ["25 fps, GOP 250", "25 fps, GOP 10"]
+    assert "one keyframe per clip" in layouts[0] and "a keyframe every 0.4 s" in layouts[1]
+    summary = out.stdout.split("\nsummary ")[1].splitlines()
+    for part, name in zip(layouts, ["25 fps, GOP 250", "25 fps, GOP 10"]):
+        assert "both methods pick the same 4 frames of each clip (checked on all 2)" in part
+        rows = {line.split("  ")[0]: line.split() for line in part.splitlines() if line.startswith("(")}
+        seek, naive = rows["(a) read_frames, seek (this)"], rows["(b) decode all, then subsample"]
+        decode = rows["(c) (a) without the RGB pictures"]
+        assert min(float(seek[-5]), float(naive[-5]), float(decode[-5])) > 0  # clips/s
+        ratio = float(part.split("speed-up of (a) over (b): ")[1].split("x")[0])
+        assert ratio == pytest.approx(float(seek[-5]) / float(naive[-5]), rel=0.05)  # one round: ratio of the passes
+        bound = float(part.split("speed-up with the decoding alone, (b) over (c): ")[1].split("x")[0])
+        assert bound == pytest.approx(float(decode[-5]) / float(naive[-5]), rel=0.05)
+        line = next(row for row in summary if row.startswith(name + ":")).split()
+        assert (line[-5], line[-4], line[-3], line[-1]) == (seek[-5], naive[-5], f"{ratio:.1f}x", f"{bound:.1f}x")
+
+
+def test_bench_prepare_rejects_a_bad_layout(tmp_path):
+    cmd = [sys.executable, str(REPO / "bench" / "bench_prepare.py"), "--layouts", "25-250", "--dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "'25-250' is not FPS:GOP" in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing generated
 
 
 def test_bench_prepare_refuses_different_picks(tmp_path, monkeypatch):

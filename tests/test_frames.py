@@ -259,7 +259,7 @@ def test_broken_files_raise_clear_errors(tmp_path, clips, kind):
 
 def test_reused_swscale_contexts_give_the_pixels_of_fresh_ones(tmp_path):
     """`_frame_image` keeps one swscale context per step and thread; frames of other sizes, turns and target sizes
-    in between must not change its output (compared with PyAV's own one-context-per-frame path)."""
+    in between must not change its output (compared with PyAV's own one-context-per-frame path and PIL's turns)."""
     import av
     import numpy as np
 
@@ -277,10 +277,15 @@ def test_reused_swscale_contexts_give_the_pixels_of_fresh_ones(tmp_path):
         new_w, new_h = F._cover_size(w, h, size)
         if turns % 2:
             new_w, new_h = new_h, new_w
-        small = frame.reformat(width=new_w, height=new_h, interpolation="BICUBIC")
-        return resize_center_crop(F._upright(Image.fromarray(small.to_ndarray(format="rgb24")), frame.rotation), size)
+        scaled = frame.reformat(width=new_w, height=new_h, interpolation="BICUBIC")
+        img = Image.fromarray(scaled.to_ndarray(format="rgb24"))
+        if turns:
+            img = img.transpose([None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                 Image.Transpose.ROTATE_270][turns])
+        return resize_center_crop(img, size)
 
-    for size in (48, (20, 36), 40):
+    # downscales, a crop at the decoded size ((96, 160) of the 160x96 clip) and upscales (128, (100, 170))
+    for size in (48, (20, 36), 40, (96, 160), 128, (100, 170)):
         for frame in frames:
             got = F._frame_image(frame, size)
             assert np.array_equal(np.asarray(got), np.asarray(fresh(frame, size))), (size, frame.width)

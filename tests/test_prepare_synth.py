@@ -24,9 +24,9 @@ NUM_FRAMES = 4
 # Largest mean |prepared - generated| per frame, on the 0-255 scale. The two differ by H.264 (CRF 18, 4:2:0 chroma:
 # the shapes' colour edges blur, so single pixels are off by up to ~50) and two JPEG encodings (quality 95). Measured
 # on all 2160 frames of the default dataset (540 clips): mean 1.14, 99th percentile 1.38, max 1.51 at the native
-# 192 px; mean 1.17, max 1.54 resized to 224. 2.0 leaves a third of margin; decoding with a wrong colour range or
-# matrix, a wrong crop or a missing rotation is off by 5 or more. A pick one video frame off moves a clip's mean
-# by only 0.3-2, which is what the frame-index check below is for.
+# 192 px; mean 1.16, max 1.51 resized to 224 (an upscale: swscale here, PIL for the generator's frames). 2.0 leaves
+# a third of margin; decoding with a wrong colour range or matrix, a wrong crop or a missing rotation is off by 5 or
+# more. A pick one video frame off moves a clip's mean by only 0.3-2, which is what the frame-index check below is for.
 NOISE_LIMIT = 2.0
 
 

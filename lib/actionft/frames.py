@@ -130,9 +130,10 @@ def _rgb_array(frame):
 def _frame_image(frame, size: int | Sequence[int] | None):
     """A decoded frame as an upright RGB picture, resized and centre-cropped to `size` (None: as decoded).
 
-    A downscale happens in FFmpeg's swscale on the YUV planes before the RGB conversion (its bicubic filter widens
-    with the scale factor, so no aliasing), and the turn and the crop are numpy views, so only the final picture is
-    copied: several times cheaper than `to_image()` on the full frame followed by a PIL resize.
+    A resize happens in FFmpeg's swscale on the YUV planes before the RGB conversion (bicubic; for a downscale its
+    filter widens with the scale factor, so no aliasing), and the turn and the crop are numpy views, so only the
+    final picture is copied: several times cheaper than `to_image()` on the full frame followed by a PIL resize
+    (0.2 against 2.5 ms for an upscale from 340x256 to cover 336x336 here).
     """
     import numpy as np
     from PIL import Image
@@ -142,29 +143,15 @@ def _frame_image(frame, size: int | Sequence[int] | None):
     if size is not None:
         w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)  # upright size
         new_w, new_h = _cover_size(w, h, size)
-        if new_w < w:  # a downscale: swscale does it; then only a crop is left
+        if (new_w, new_h) != (w, h):
             frame = _reformat("scale", frame, width=new_h if turns % 2 else new_w,
                               height=new_w if turns % 2 else new_h, interpolation="BICUBIC")
-            array = np.rot90(_rgb_array(frame), k=turns)
-            w_t, h_t = _normalise_size(size)
-            left, top = (new_w - w_t) // 2, (new_h - h_t) // 2
-            return Image.fromarray(np.ascontiguousarray(array[top : top + h_t, left : left + w_t]))
-    img = _upright(Image.fromarray(_rgb_array(frame)), rotation)
-    return resize_center_crop(img, size) if size is not None else img
-
-
-def _upright(img, rotation: int):
-    """Turn a decoded picture by the display matrix's counter-clockwise rotation (multiples of 90 only)."""
-    from PIL import Image
-
-    r = round(rotation / 90) % 4 * 90
-    if r == 90:
-        return img.transpose(Image.Transpose.ROTATE_90)
-    if r == 180:
-        return img.transpose(Image.Transpose.ROTATE_180)
-    if r == 270:
-        return img.transpose(Image.Transpose.ROTATE_270)
-    return img
+    array = np.rot90(_rgb_array(frame), k=turns)
+    if size is not None:
+        w_t, h_t = _normalise_size(size)
+        left, top = (new_w - w_t) // 2, (new_h - h_t) // 2
+        array = array[top : top + h_t, left : left + w_t]
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 # ---------------------------------------------------------------------------------------------------------------
