@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -135,6 +136,18 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; macOS: bytes (roughly)
 
 
+def _minor_faults() -> int:
+    """Page faults served without I/O so far: each is a fresh page of memory handed to this process."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# The measuring children keep freed memory instead of handing it back to the OS after every clip: the baseline's
+# list of RGB frames (173 MB for a 10 s 640x360 clip) otherwise costs a page fault per 4 KiB on every clip, or not,
+# as glibc's heuristics decide (seen here: 41k faults and 1.5x the time per clip at 640x360, or none, from one run
+# to the next). Kept memory is the baseline's fastest and steadiest form; `--glibc-defaults` measures without it.
+KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def serve(method: str, clips: list[str]) -> None:
     """A measuring child (one per method, so peak RSS is its own): after a warm-up it prints `ready`, then times one
     pass over the clips for every `pass` line on stdin and prints the seconds; `done` prints the memory figures."""
@@ -158,11 +171,12 @@ def serve(method: str, clips: list[str]) -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() == "pass":
-            t0 = time.perf_counter()
+            t0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
             for p in clips:
                 images = fn(p)
                 assert len(images) == 4 and (method == "decode" or images[0].size == (336, 336))
-            print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+            print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                              "faults": _minor_faults() - f0}), flush=True)
         else:
             break
     print(json.dumps({"peak_rss_mb": _rss_mb(), "rss_rise_mb": _rss_mb() - base_rss}), flush=True)
@@ -172,9 +186,10 @@ METHODS = ("seek", "naive", "decode")
 
 
 class _Child:
-    def __init__(self, method: str, folder: Path, clips: int):
+    def __init__(self, method: str, folder: Path, clips: int, keep_memory: bool):
         cmd = [sys.executable, __file__, "--serve", method, "--dir", str(folder), "--clips", str(clips)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, **KEEP_MEMORY} if keep_memory else None
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, line: str) -> dict:
         self.proc.stdin.write(line + "\n")
@@ -188,22 +203,26 @@ class _Child:
         return json.loads(out)
 
 
-def measure(folder: Path, clips: int, repeat: int) -> dict:
+def measure(folder: Path, clips: int, repeat: int, keep_memory: bool = True) -> dict:
     """Interleaved passes: each round times one pass of each method, back to back (the order alternates), so a
     slow spell of a shared machine hits both; the speed-up is the median of the rounds' ratios."""
-    children = {m: _Child(m, folder, clips) for m in METHODS}
+    children = {m: _Child(m, folder, clips, keep_memory) for m in METHODS}
     for child in children.values():
         child.read()  # ready
-    seconds: dict[str, list[float]] = {m: [] for m in children}
+    passes: dict[str, dict[str, list[float]]] = {key: {m: [] for m in METHODS} for key in ("seconds", "cpu", "faults")}
     for r in range(repeat):
         for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
-            seconds[m].append(children[m].ask("pass")["seconds"])
+            answer = children[m].ask("pass")
+            for key, values in passes.items():
+                values[m].append(answer[key])
     memory = {m: child.ask("done") for m, child in children.items()}
     for child in children.values():
         child.proc.wait()
-    ratios = sorted(n / s for n, s in zip(seconds["naive"], seconds["seek"]))
-    bounds = sorted(n / d for n, d in zip(seconds["naive"], seconds["decode"]))
-    return {"seconds": seconds, "memory": memory, "ratios": ratios, "bounds": bounds}
+    seconds, cpu = passes["seconds"], passes["cpu"]
+    return {**passes, "memory": memory,
+            "ratios": sorted(n / s for n, s in zip(seconds["naive"], seconds["seek"])),
+            "bounds": sorted(n / d for n, d in zip(seconds["naive"], seconds["decode"])),
+            "cpu_ratios": sorted(n / s for n, s in zip(cpu["naive"], cpu["seek"]))}
 
 
 def _median(values: list[float]) -> float:
@@ -244,20 +263,26 @@ def run_layout(folder: Path, args, fps: int, gop: int, width: int, height: int) 
     clips = sorted(str(p) for p in folder.glob("clip_*.mp4"))[: args.clips]
     check_same_picks(clips)
     print(f"both methods pick the same 4 frames of each clip (checked on all {len(clips)})")
-    result = measure(folder, len(clips), args.repeat)
-    print(f"{'method':<34} {'clips/s':>8} {'best':>8} {'s/clip':>8} {'peak RSS MB':>12} {'RSS rise MB':>12}")
+    result = measure(folder, len(clips), args.repeat, keep_memory=not args.glibc_defaults)
+    print(f"{'method':<34} {'clips/s':>8} {'best':>8} {'s/clip':>8} {'CPU s/clip':>11} {'faults/clip':>12} "
+          f"{'peak RSS MB':>12} {'RSS rise MB':>12}")
     names = {"seek": "(a) read_frames, seek (this)", "naive": "(b) decode all, then subsample",
              "decode": "(c) (a) without the RGB pictures"}
     for method, secs in result["seconds"].items():
         mem = result["memory"][method]
         median = _median(secs)
         print(f"{names[method]:<34} {args.clips / median:>8.2f} {args.clips / min(secs):>8.2f} "
-              f"{median / args.clips:>8.3f} {mem['peak_rss_mb']:>12.0f} {mem['rss_rise_mb']:>12.0f}")
-    ratios, bounds = result["ratios"], result["bounds"]
+              f"{median / args.clips:>8.3f} {_median(result['cpu'][method]) / args.clips:>11.3f} "
+              f"{_median(result['faults'][method]) / args.clips:>12.0f} {mem['peak_rss_mb']:>12.0f} "
+              f"{mem['rss_rise_mb']:>12.0f}")
+    ratios, bounds, cpu_ratios = result["ratios"], result["bounds"], result["cpu_ratios"]
     print(f"speed-up of (a) over (b): {_median(ratios):.1f}x (target >= 5x); median of {len(ratios)} rounds, "
           f"each one pass of every method back to back; range {ratios[0]:.1f}x-{ratios[-1]:.1f}x")
     print(f"speed-up with the decoding alone, (b) over (c): {_median(bounds):.1f}x (range {bounds[0]:.1f}x-"
           f"{bounds[-1]:.1f}x): about the most a reader of exactly these frames can reach")
+    print(f"CPU time per clip, (b) over (a): {_median(cpu_ratios):.1f}x (range {cpu_ratios[0]:.1f}x-"
+          f"{cpu_ratios[-1]:.1f}x): the work saved, i.e. about the speed-up when every core is busy (several "
+          f"workers), where the decoder's and swscale's own threads find no idle core")
     return result
 
 
@@ -273,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=7, help="rounds of one pass per method")
     ap.add_argument("--dir", help="use/keep the clips in this folder (one subfolder per layout) instead of a "
                                   "temporary one")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="let glibc hand freed memory back to the OS as it likes (the baseline then pays page faults "
+                         "on some runs); by default every measuring process keeps it")
     ap.add_argument("--serve", choices=METHODS, help=argparse.SUPPRESS)  # internal: a measuring child
     args = ap.parse_args(argv)
 
@@ -289,15 +317,17 @@ def main(argv: list[str] | None = None) -> int:
             folder = base / f"{width}x{height}_{args.seconds:g}s_{fps}fps_gop{gop}_{args.content}"
             result = run_layout(folder, args, fps, gop, width, height)
             summary.append((_layout_name(fps, gop, args.seconds), result))
-    print(f"\nsummary ({width}x{height}, {args.seconds:g} s clips, 4 frames at 336x336; speed-ups are medians of "
-          f"{args.repeat} rounds, target >= 5x)")
+    memory = "glibc's defaults" if args.glibc_defaults else "freed memory kept"
+    print(f"\nsummary ({width}x{height}, {args.seconds:g} s clips, 4 frames at 336x336, {memory}; speed-ups are "
+          f"medians of {args.repeat} rounds, target >= 5x)")
     col = max(len(name) for name, _ in summary)
     print(f"{'layout':<{col}} {'seek clips/s':>12} {'all clips/s':>12} {'speed-up':>9} {'range':>11} "
-          f"{'decoding alone':>15}")
+          f"{'decoding alone':>15} {'CPU time':>9}")
     for name, result in summary:
         secs, ratios, bounds = result["seconds"], result["ratios"], result["bounds"]
         print(f"{name:<{col}} {args.clips / _median(secs['seek']):>12.2f} {args.clips / _median(secs['naive']):>12.2f} "
-              f"{_median(ratios):>8.1f}x {f'{ratios[0]:.1f}-{ratios[-1]:.1f}x':>11} {_median(bounds):>14.1f}x")
+              f"{_median(ratios):>8.1f}x {f'{ratios[0]:.1f}-{ratios[-1]:.1f}x':>11} {_median(bounds):>14.1f}x "
+              f"{_median(result['cpu_ratios']):>8.1f}x")
     return 0
 
 

@@ -289,3 +289,24 @@ def test_reused_swscale_contexts_give_the_pixels_of_fresh_ones(tmp_path):
         for frame in frames:
             got = F._frame_image(frame, size)
             assert np.array_equal(np.asarray(got), np.asarray(fresh(frame, size))), (size, frame.width)
+
+
+def test_single_threaded_decoder_gives_the_same_frames(tmp_path, monkeypatch):
+    """`threads=1` (what prepare's workers use) changes how FFmpeg decodes, not what: same picks, same pixels."""
+    import numpy as np
+
+    clip = write_video(tmp_path / "t.mp4", n_frames=40, fps=20, gop=20, options={"preset": "veryfast", "crf": "8"})
+    counts = []
+    set_threads = F._set_threads
+
+    def spy(stream, threads):
+        set_threads(stream, threads)
+        counts.append(stream.codec_context.thread_count)
+
+    monkeypatch.setattr(F, "_set_threads", spy)
+    default = read_frames(clip.path, 6, size=32)
+    single = read_frames(clip.path, 6, size=32, threads=1)
+    assert counts == [0, 1]  # 0: FFmpeg picks the count
+    assert default[1] == single[1]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(default[0], single[0]))
+    _check_picks(clip, single[0], single[1], 6)

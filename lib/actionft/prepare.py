@@ -287,7 +287,7 @@ def _extract(task: dict[str, Any]) -> ClipResult:
     video = Path(task["video"])
     tmp = frames_dir / f".tmp-{clip_id}-{os.getpid()}"
     try:
-        images, times, info = read_frames(video, task["num_frames"], task["size"])
+        images, times, info = read_frames(video, task["num_frames"], task["size"], threads=task.get("threads"))
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -354,6 +354,9 @@ def _done(frames_dir: Path, clip_id: str, settings: dict[str, Any], source: str 
     )
 
 
+POOL_DECODER_THREADS = 1  # decoder threads in each worker process (None: FFmpeg's choice)
+
+
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
 
@@ -385,7 +388,8 @@ def _run(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[Clip
                 pending: set = set()
                 queue = iter(tasks)
                 for task in queue:
-                    pending.add(pool.submit(_extract, task))
+                    # Workers keep the cores busy: a single-threaded decoder does the same work with less CPU.
+                    pending.add(pool.submit(_extract, {**task, "threads": POOL_DECODER_THREADS}))
                     if len(pending) >= 4 * workers:  # bounded: memory stays flat for huge datasets
                         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                         for fut in finished:
