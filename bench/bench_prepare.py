@@ -10,21 +10,26 @@ so peak RSS is honest):
   (c) decode only: (a)'s opening, seeking and decoding, without turning the 4 picks into pictures. The frames it
       decodes (every reference frame up to each pick from the keyframe before it, and the picks) are what any reader
       of exactly these frames has to decode, so (b)/(c) is about the most such a reader can gain over (b)
+  (d) worker: (a) with a single-threaded decoder (`threads=1`), as `actionft prepare` runs it in its worker
+      processes; its CPU time against (b)'s is the work saved
 
 in rounds that run one pass of each back to back (alternating which goes first, so a slow spell of a shared machine
 hits both), and prints clips/s (median and best pass), the speed ratio (median of the rounds' ratios, with their
-range) and peak memory: the peak RSS of the process and its rise over the RSS after imports (FFmpeg's frame buffers
-live outside Python's allocator, so tracemalloc would not see them). Before timing it checks, by their times, that
-both methods pick the same frames of every clip. A summary table of all layouts comes last.
+range), CPU time and page faults per clip, and peak memory: the peak RSS of the process and its rise over the RSS
+after imports (FFmpeg's frame buffers live outside Python's allocator, so tracemalloc would not see them). The ratio
+of CPU times, (b) over (d), is the work saved: about the speed-up when every core is busy (several workers), where
+threads inside a process find no idle core. Before timing it checks, by their times, that both methods pick the same
+frames of every clip. The measuring processes keep freed memory (see KEEP_MEMORY), which gives the baseline its
+fastest, steadiest form. A summary table of all layouts comes last.
 
     .venv/bin/python bench/bench_prepare.py [--layouts 25:250,30:250,25:50] [--clips 12] [--seconds 10]
-                                            [--size 640x360] [--repeat 7] [--dir DIR]
+                                            [--size 640x360] [--repeat 7] [--dir DIR] [--glibc-defaults]
 
 A layout is `FPS:GOP`, GOP being libx264's maximum keyframe interval in frames. The default three: 25:250, one
 keyframe per 10 s clip, the hardest case for seeking (the last sample, at 87.5% of the clip, needs every reference
 frame before it); 30:250, libx264's default keyint at 30 fps, as in clips re-encoded with ffmpeg's defaults (a
-second keyframe at 8.3 s); 25:50, a keyframe every 2 s, as in many streaming/YouTube files. `--content noise` makes
-every frame a P-frame (high-entropy texture, no B-frames), the worst case: nothing can be skipped between keyframes.
+second keyframe at 8.3 s); 25:50, a keyframe every 2 s. `--content noise` makes every frame a P-frame (high-entropy
+texture, no B-frames), the worst case: nothing can be skipped between keyframes.
 """
 
 from __future__ import annotations
@@ -156,6 +161,9 @@ def serve(method: str, clips: list[str]) -> None:
     if method == "seek":
         def fn(p):
             return read_frames(p, 4, size=336)[0]
+    elif method == "worker":
+        def fn(p):
+            return read_frames(p, 4, size=336, threads=1)[0]
     elif method == "decode":
         fn = decode_only
     else:
@@ -182,7 +190,7 @@ def serve(method: str, clips: list[str]) -> None:
     print(json.dumps({"peak_rss_mb": _rss_mb(), "rss_rise_mb": _rss_mb() - base_rss}), flush=True)
 
 
-METHODS = ("seek", "naive", "decode")
+METHODS = ("seek", "naive", "decode", "worker")
 
 
 class _Child:
@@ -222,7 +230,7 @@ def measure(folder: Path, clips: int, repeat: int, keep_memory: bool = True) -> 
     return {**passes, "memory": memory,
             "ratios": sorted(n / s for n, s in zip(seconds["naive"], seconds["seek"])),
             "bounds": sorted(n / d for n, d in zip(seconds["naive"], seconds["decode"])),
-            "cpu_ratios": sorted(n / s for n, s in zip(cpu["naive"], cpu["seek"]))}
+            "cpu_ratios": sorted(n / w for n, w in zip(cpu["naive"], cpu["worker"]))}
 
 
 def _median(values: list[float]) -> float:
@@ -267,7 +275,7 @@ def run_layout(folder: Path, args, fps: int, gop: int, width: int, height: int) 
     print(f"{'method':<34} {'clips/s':>8} {'best':>8} {'s/clip':>8} {'CPU s/clip':>11} {'faults/clip':>12} "
           f"{'peak RSS MB':>12} {'RSS rise MB':>12}")
     names = {"seek": "(a) read_frames, seek (this)", "naive": "(b) decode all, then subsample",
-             "decode": "(c) (a) without the RGB pictures"}
+             "decode": "(c) (a) without the RGB pictures", "worker": "(d) (a) with one decoder thread"}
     for method, secs in result["seconds"].items():
         mem = result["memory"][method]
         median = _median(secs)
@@ -280,9 +288,9 @@ def run_layout(folder: Path, args, fps: int, gop: int, width: int, height: int) 
           f"each one pass of every method back to back; range {ratios[0]:.1f}x-{ratios[-1]:.1f}x")
     print(f"speed-up with the decoding alone, (b) over (c): {_median(bounds):.1f}x (range {bounds[0]:.1f}x-"
           f"{bounds[-1]:.1f}x): about the most a reader of exactly these frames can reach")
-    print(f"CPU time per clip, (b) over (a): {_median(cpu_ratios):.1f}x (range {cpu_ratios[0]:.1f}x-"
-          f"{cpu_ratios[-1]:.1f}x): the work saved, i.e. about the speed-up when every core is busy (several "
-          f"workers), where the decoder's and swscale's own threads find no idle core")
+    print(f"CPU time per clip, (b) over (d): {_median(cpu_ratios):.1f}x (range {cpu_ratios[0]:.1f}x-"
+          f"{cpu_ratios[-1]:.1f}x): the work saved, about the speed-up when every core is busy (prepare's workers "
+          f"run (d); the baseline's own threads then find no idle core)")
     return result
 
 
