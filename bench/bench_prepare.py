@@ -13,8 +13,8 @@ so peak RSS is honest):
   (d) worker: (a) with a single-threaded decoder (`threads=1`), as `actionft prepare` runs it in its worker
       processes; its CPU time against (b)'s is the work saved
 
-in rounds that run one pass of each back to back (alternating which goes first, so a slow spell of a shared machine
-hits both), and prints clips/s (median and best pass), the speed ratio (median of the rounds' ratios, with their
+in rounds that run one pass of each back to back (alternating the order, so a slow spell of a shared machine hits
+all of them), and prints clips/s (median and best pass), the speed ratio (median of the rounds' ratios, with their
 range), CPU time and page faults per clip, and peak memory: the peak RSS of the process and its rise over the RSS
 after imports (FFmpeg's frame buffers live outside Python's allocator, so tracemalloc would not see them). The ratio
 of CPU times, (b) over (d), is the work saved: about the speed-up when every core is busy (several workers), where
@@ -148,8 +148,8 @@ def _minor_faults() -> int:
 
 # The measuring children keep freed memory instead of handing it back to the OS after every clip: the baseline's
 # list of RGB frames (173 MB for a 10 s 640x360 clip) otherwise costs a page fault per 4 KiB on every clip, or not,
-# as glibc's heuristics decide (seen here: 41k faults and 1.5x the time per clip at 640x360, or none, from one run
-# to the next). Kept memory is the baseline's fastest and steadiest form; `--glibc-defaults` measures without it.
+# as glibc's heuristics decide (seen here: 41k faults and 1.5x the time per clip at 640x360 in one process, next to
+# none in another). Kept memory is the baseline's fastest and steadiest form; `--glibc-defaults` measures without it.
 KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
@@ -213,7 +213,7 @@ class _Child:
 
 def measure(folder: Path, clips: int, repeat: int, keep_memory: bool = True) -> dict:
     """Interleaved passes: each round times one pass of each method, back to back (the order alternates), so a
-    slow spell of a shared machine hits both; the speed-up is the median of the rounds' ratios."""
+    slow spell of a shared machine hits all of them; a speed-up is the median of the rounds' ratios."""
     children = {m: _Child(m, folder, clips, keep_memory) for m in METHODS}
     for child in children.values():
         child.read()  # ready
