@@ -386,8 +386,9 @@ def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
         warmup_steps=float(cfg["warmup_ratio"]),  # transformers 5: a float below 1 is the warmup ratio
         lr_scheduler_type=cfg["lr_scheduler_type"],
         max_grad_norm=cfg["max_grad_norm"],
-        gradient_checkpointing=cfg["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
+        # transformers 5 renamed gradient_checkpointing* (the reference's name, kept in params) to activation_*
+        activation_checkpointing=cfg["gradient_checkpointing"],
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
         bf16=cfg["bf16"],
         use_cpu=not on_gpu,
         optim=cfg["optim"],
