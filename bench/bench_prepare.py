@@ -1,7 +1,7 @@
 """Benchmark: seek-based `read_frames` against decoding every frame and then subsampling.
 
 For each keyframe layout (`--layouts`) it generates N H.264 clips (default 12 x 10 s, 640x360, textured moving
-content) in a folder of their own, then times, on the same clips and in one process each (a subprocess per method,
+content, libx264 at ffmpeg's default settings: preset medium, crf 23) in a folder of their own, then times, on the same clips and in one process each (a subprocess per method,
 so peak RSS is honest):
 
   (a) seek:  `actionft.frames.read_frames(path, 4, size=336)`, single process
@@ -9,7 +9,10 @@ so peak RSS is honest):
       did for video items), pick the same 4 (first frame at/after each segment centre), resize/crop them to 336
   (c) decode only: (a)'s opening, seeking and decoding, without turning the 4 picks into pictures. The frames it
       decodes (every reference frame up to each pick from the keyframe before it, and the picks) are what any reader
-      of exactly these frames has to decode, so (b)/(c) is about the most such a reader can gain over (b)
+      of exactly these frames has to decode, so (b)/(c) is about the most such a reader can gain over (b). That
+      holds for libx264's default of 3 reference frames, where P-frames predict from the B-frames kept as
+      references; its fast presets (`--preset veryfast` and faster) keep 1, P-frames then never use those B-frames,
+      and a reader that parsed every slice's reference lists could skip them too
   (d) worker: (a) with a single-threaded decoder (`threads=1`), as `actionft prepare` runs it in its worker
       processes; its CPU time against (b)'s is the work saved
 
@@ -23,7 +26,8 @@ frames of every clip. The measuring processes keep freed memory (see KEEP_MEMORY
 fastest, steadiest form. A summary table of all layouts comes last.
 
     .venv/bin/python bench/bench_prepare.py [--layouts 25:250,30:250,25:50] [--clips 12] [--seconds 10]
-                                            [--size 640x360] [--repeat 7] [--dir DIR] [--glibc-defaults]
+                                            [--size 640x360] [--preset medium] [--repeat 7] [--dir DIR]
+                                            [--glibc-defaults]
 
 A layout is `FPS:GOP`, GOP being libx264's maximum keyframe interval in frames. The default three: 25:250, one
 keyframe per 10 s clip, the hardest case for seeking (the last sample, at 87.5% of the clip, needs every reference
@@ -47,8 +51,8 @@ from pathlib import Path
 
 
 def make_clip(path: Path, seconds: float, fps: int, width: int, height: int, gop: int, seed: int,
-              content: str = "smooth") -> None:
-    """A synthetic clip with motion.
+              content: str = "smooth", preset: str = "medium") -> None:
+    """A synthetic clip with motion, encoded by libx264 at `preset` and its default quality (crf 23).
 
     "smooth": a smooth scrolling texture, three moving blocks and light grain; like natural video, libx264 codes
     most of it as B-frames. "noise": scrolling high-entropy noise coded without B-frames (about 3.5x the bitrate),
@@ -66,7 +70,7 @@ def make_clip(path: Path, seconds: float, fps: int, width: int, height: int, gop
         texture = rng.integers(0, 256, (height, width * 2, 3), dtype=np.uint8)
     n = int(seconds * fps)
     with av.open(str(path), "w") as out:
-        options = {"preset": "veryfast", "crf": "23"}
+        options = {"preset": preset, "crf": "23"}
         if content == "noise":
             options["bf"] = "0"
         stream = out.add_stream("libx264", rate=fps, options=options)
@@ -265,9 +269,9 @@ def run_layout(folder: Path, args, fps: int, gop: int, width: int, height: int) 
     for i in range(args.clips):
         path = folder / f"clip_{i:03d}.mp4"
         if not path.exists():
-            make_clip(path, args.seconds, fps, width, height, gop, seed=i, content=args.content)
+            make_clip(path, args.seconds, fps, width, height, gop, seed=i, content=args.content, preset=args.preset)
     print(f"\n== {_layout_name(fps, gop, args.seconds)}: {args.clips} clips of {args.seconds:g} s, {width}x{height}, "
-          f"H.264 ({args.content} content; {time.perf_counter() - t0:.1f} s to generate)")
+          f"H.264 (libx264 {args.preset}, {args.content} content; {time.perf_counter() - t0:.1f} s to generate)")
     clips = sorted(str(p) for p in folder.glob("clip_*.mp4"))[: args.clips]
     check_same_picks(clips)
     print(f"both methods pick the same 4 frames of each clip (checked on all {len(clips)})")
@@ -303,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="640x360", help="WxH of the generated clips")
     ap.add_argument("--content", choices=["smooth", "noise"], default="smooth",
                     help="smooth: natural-video-like, mostly B-frames (default); noise: worst case, no B-frames")
+    ap.add_argument("--preset", default="medium",
+                    help="libx264 preset of the generated clips (default: %(default)s, ffmpeg's own default)")
     ap.add_argument("--repeat", type=int, default=7, help="rounds of one pass per method")
     ap.add_argument("--dir", help="use/keep the clips in this folder (one subfolder per layout) instead of a "
                                   "temporary one")
@@ -322,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         base = Path(args.dir or tmp)
         for fps, gop in layouts:
-            folder = base / f"{width}x{height}_{args.seconds:g}s_{fps}fps_gop{gop}_{args.content}"
+            folder = base / f"{width}x{height}_{args.seconds:g}s_{fps}fps_gop{gop}_{args.content}_{args.preset}"
             result = run_layout(folder, args, fps, gop, width, height)
             summary.append((_layout_name(fps, gop, args.seconds), result))
     memory = "glibc's defaults" if args.glibc_defaults else "freed memory kept"
-    print(f"\nsummary ({width}x{height}, {args.seconds:g} s clips, 4 frames at 336x336, {memory}; speed-ups are "
-          f"medians of {args.repeat} rounds, target >= 5x)")
+    print(f"\nsummary ({width}x{height}, {args.seconds:g} s clips, libx264 {args.preset}, 4 frames at 336x336, "
+          f"{memory}; speed-ups are medians of {args.repeat} rounds, target >= 5x)")
     col = max(len(name) for name, _ in summary)
     print(f"{'layout':<{col}} {'seek clips/s':>12} {'all clips/s':>12} {'speed-up':>9} {'range':>11} "
           f"{'decoding alone':>15} {'CPU time':>9}")

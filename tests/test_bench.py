@@ -133,12 +133,15 @@ def test_bench_prepare_runs_and_compares_the_same_frames(tmp_path):
     table and ratios are printed, and the summary repeats them."""
     script = REPO / "bench" / "bench_prepare.py"
     cmd = [sys.executable, str(script), "--clips", "2", "--seconds", "2", "--size", "320x180", "--repeat", "1",
-           "--layouts", "25:250,25:10", "--dir", str(tmp_path)]
+           "--layouts", "25:250,25:10", "--preset", "veryfast", "--dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     layouts = out.stdout.split("\n== ")[1:]
     assert [part.split(":")[0] for part in layouts] == ["25 fps, GOP 250", "25 fps, GOP 10"]
     assert "one keyframe per clip" in layouts[0] and "a keyframe every 0.4 s" in layouts[1]
+    assert all("H.264 (libx264 veryfast," in part for part in layouts)
+    clips = sorted(tmp_path.glob("*/clip_*.mp4"))
+    assert len(clips) == 4 and all(b" ref=1 " in c.read_bytes() for c in clips)  # x264's settings SEI: veryfast
     summary = out.stdout.split("\nsummary ")[1].splitlines()
     for part, name in zip(layouts, ["25 fps, GOP 250", "25 fps, GOP 10"]):
         assert "both methods pick the same 4 frames of each clip (checked on all 2)" in part
@@ -171,6 +174,7 @@ def test_bench_prepare_refuses_different_picks(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     clip = tmp_path / "clip_000.mp4"
     module.make_clip(clip, 1.0, 25, 160, 96, 250, seed=0)
+    assert b" ref=3 " in clip.read_bytes()  # ffmpeg's default libx264 preset, medium, unless told otherwise
     module.check_same_picks([str(clip)])
     monkeypatch.setattr(module, "read_all_frames_then_sample", lambda p, n, s: (None, [0.0, 0.5, 1.0, 1.5]))
     with pytest.raises(SystemExit, match="picked different frames"):
