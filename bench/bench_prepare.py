@@ -1,8 +1,8 @@
 """Benchmark: seek-based `read_frames` against decoding every frame and then subsampling.
 
 For each keyframe layout (`--layouts`) it generates N H.264 clips (default 12 x 10 s, 640x360, textured moving
-content, libx264 at ffmpeg's default settings: preset medium, crf 23) in a folder of their own, then times, on the same clips and in one process each (a subprocess per method,
-so peak RSS is honest):
+content, libx264 at ffmpeg's default settings: preset medium, crf 23) in a folder of their own, then times, on the
+same clips and in one process each (a subprocess per method, so peak RSS is honest):
 
   (a) seek:  `actionft.frames.read_frames(path, 4, size=336)`, single process
   (b) naive: decode every frame to an RGB array in a list (`to_ndarray("rgb24")`, as the reference training code
