@@ -41,6 +41,13 @@ def test_load_params_without_file():
     ("bf16=true", "bf16", True),
     ("bf16=False", "bf16", False),
     ("optim=adamw_torch", "optim", "adamw_torch"),
+    ("save_strategy=no", "save_strategy", "no"),  # YAML 1.1 would make these booleans
+    ("save_strategy=No", "save_strategy", "No"),
+    ("x=off", "x", "off"),
+    ("x=yes", "x", "yes"),
+    ("x=on", "x", "on"),
+    ("x=y", "x", "y"),
+    ("bf16=TRUE", "bf16", True),
     ("run_name=my run", "run_name", "my run"),
     ("run_name='007'", "run_name", "007"),
     ("metadata_path=null", "metadata_path", None),
@@ -66,6 +73,17 @@ def test_exponent_floats_in_params_file(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("learning_rate: 2e-4\nweight_decay: 1.0e-2\nname: 2e-4x\n")
     assert load_params(path) == {"learning_rate": 2e-4, "weight_decay": 0.01, "name": "2e-4x"}
+
+
+def test_yaml_1_1_booleans_stay_strings(tmp_path):
+    """`save_strategy: no` is the Trainer's string "no", not False (TrainingArguments raises on False)."""
+    from actionft.train import resolve_config, training_arguments
+
+    path = tmp_path / "p.yaml"
+    path.write_text("save_strategy: no\nlogging_strategy: off\nbf16: false\nsynth: True\n")
+    assert load_params(path) == {"save_strategy": "no", "logging_strategy": "off", "bf16": False, "synth": True}
+    cfg = resolve_config(load_params(TINY, ["save_strategy=no", "deepspeed=null"]))
+    assert training_arguments(cfg, tmp_path, n_eval=0).save_strategy == "no"
 
 
 @pytest.mark.parametrize("text", ["lora_r", "=5", " =5", "lora_target_modules=[q_proj, v_proj", "x={a: 1",

@@ -13,9 +13,16 @@ from actionft.errors import ActionftError
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where `2e-4` (no dot) is a string; people write learning rates that way."""
+    """PyYAML follows YAML 1.1, where `2e-4` (no dot) is a string and `no`, `off`, `yes`, `on` are booleans. Here, as
+    in YAML 1.2, only true/false are booleans (`save_strategy: no` is the string "no") and `2e-4` is a float."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
