@@ -7,7 +7,7 @@ PARAMS ?= params/tiny.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lab bench tiny-base clean-notebooks check-notebooks
+.PHONY: setup demo test smoke-e4b lab bench tiny-base clean-notebooks check-notebooks
 
 setup: $(STAMP)
 
@@ -22,10 +22,13 @@ demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, exe
 	$(BIN)/actionft run --params $(PARAMS)
 
 test: $(STAMP)  ## unit tests + every notebook re-executed by nbval
-	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(BIN)/python -m pytest tests notebooks -m "not smoke" --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 lab: $(STAMP)  ## JupyterLab on the notebooks with the project's environment
 	$(BIN)/jupyter lab notebooks/
+
+smoke-e4b: $(STAMP)  ## the reference recipe at E4B's full width (4 layers, random weights) on the Kinetics-3K sample, on CPU
+	$(BIN)/python -m pytest tests/test_smoke_e4b.py -m smoke -s -q
 
 bench: $(STAMP)  ## training throughput benchmark (tiny model on CPU; the real E4B architecture on a GPU)
 	$(BIN)/python bench/bench_train.py

@@ -650,7 +650,11 @@ def test_lora_wraps_only_the_text_layers_projections(one_thread):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and ".language_model.layers." in n for n in trainable)
 
-    # the E4B names the tiny model lacks: the audio tower and its projector stay out too
+    audio_namesakes = [n for n, m in base.named_modules() if "audio_tower" in n and n.split(".")[-1] in targets]
+    assert audio_namesakes  # the audio tower has q/k/v/o projections of its own
+    assert not any(".audio_tower." in n or ".embed_audio." in n for n in wrapped)
+
+    # E4B's names: the audio tower and its projector stay out too
     regex = re.compile(lora_target_regex(targets))
     assert regex.fullmatch("model.language_model.layers.41.mlp.down_proj")
     for name in ("model.audio_tower.layers.0.self_attn.q_proj", "model.audio_tower.layers.0.feed_forward1.up_proj",
@@ -669,3 +673,30 @@ def test_full_finetune_trains_text_weights_and_leaves_lr0_towers_frozen():
     assert counts["language_model"]["trainable"] == counts["language_model"]["total"] > 0
     assert counts["vision_tower"]["trainable"] == 0 < counts["vision_tower"]["total"]
     assert counts["embed_vision"]["trainable"] == counts["embed_vision"]["total"] > 0
+
+
+# -- 7. the reference recipe on a checkpoint of the published structure ----------------------------------------
+@pytest.mark.slow
+def test_reference_params_train_the_tiny_base(data, tmp_path):
+    """The reference params as they are (bf16, gradient checkpointing, ZeRO-2, paged 8-bit AdamW, 280 soft tokens,
+    `attn_implementation` as the file sets it), with only the model, the data and the step count changed, train the
+    packaged tiny base, which carries an audio tower like the published checkpoint (a plain `sdpa` for every
+    sub-model would refuse to load it). The adapter holds LoRA weights of the text layers only, all updated. Two
+    steps: with the reference's warm-up ratio the first step runs at learning rate 0 (ceil(0.03 x steps) = 1)."""
+    from safetensors.torch import load_file
+
+    from actionft.modeling import TINY_BASE_DIR
+
+    assert json.loads((TINY_BASE_DIR / "config.json").read_text())["audio_config"] is not None
+    cmd = actionft_cmd("train", "--params", str(REFERENCE_PARAMS), *sets(
+        model_id="tiny", data_path=data.synth / "data.json", image_folder=data.synth, metadata_path=None,
+        max_steps=2, output_root=tmp_path, run_name="reference"))
+    run_checked(cmd, cpu_env())
+    run = tmp_path / "reference"
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["effective_batch"] == 8
+    assert math.isfinite(summary["train_loss"])
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(".language_model.layers." in k and "lora_" in k for k in weights)
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert len(lora_b) == 24 and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: all trained

@@ -75,15 +75,50 @@ def torch_dtype(bf16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def load_model(model_id: str, bf16: bool = False, device: str | None = None, attn_implementation: str | None = None):
-    """`Gemma4ForConditionalGeneration.from_pretrained` for the tiny or the real model, with a clear error."""
-    from transformers import Gemma4ForConditionalGeneration
+SUB_MODELS = ("text_config", "vision_config", "audio_config")
+# transformers 5.23 implements the audio tower's attention only eagerly ("Gemma4AudioModel does not support an
+# attention implementation through torch.nn.functional.scaled_dot_product_attention yet").
+AUDIO_ATTENTION = "eager"
+
+
+def attn_implementation_for(value: str | dict | None, has_audio: bool) -> str | dict | None:
+    """The `attn_implementation` argument for a checkpoint: per sub-model, so that a checkpoint with an audio tower
+    (the published E4B, the packaged tiny base) loads with SDPA for text and vision.
+
+    None: transformers chooses (SDPA where a sub-model has it, eager for the audio tower). A string applies to the text
+    model and the vision tower, the audio tower stays eager. A mapping names sub-models (`text_config`,
+    `vision_config`, `audio_config`); an audio tower it leaves out is eager.
+    """
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        value = {"text_config": value, "vision_config": value}
+    if not isinstance(value, dict) or set(value) - set(SUB_MODELS):
+        raise ActionftError(f"attn_implementation must be a string (e.g. sdpa, eager) or a mapping with keys "
+                            f"{', '.join(SUB_MODELS)}; got {value!r}")
+    out = dict(value)
+    if has_audio:
+        out.setdefault("audio_config", AUDIO_ATTENTION)
+    else:
+        out.pop("audio_config", None)
+    return out
+
+
+def load_model(model_id: str, bf16: bool = False, device: str | None = None,
+               attn_implementation: str | dict | None = None):
+    """`Gemma4ForConditionalGeneration.from_pretrained` for the tiny or the real model, with a clear error.
+
+    `attn_implementation`: see `attn_implementation_for` (a string means text and vision; audio stays eager).
+    """
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
     resolved = resolve_model_id(model_id)
     kwargs = {"dtype": torch_dtype(bf16)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     try:
+        if attn_implementation:
+            config = AutoConfig.from_pretrained(resolved)
+            has_audio = getattr(config, "audio_config", None) is not None
+            kwargs["attn_implementation"] = attn_implementation_for(attn_implementation, has_audio)
         model = Gemma4ForConditionalGeneration.from_pretrained(resolved, **kwargs)
     except OSError as err:
         raise _missing_weights_error(model_id, err) from None

@@ -157,9 +157,14 @@ def pretrain_tiny_base(
     processor = AutoProcessor.from_pretrained(out_dir)
     model = Gemma4ForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     model.train()
+    # The audio tower is there for the published structure only: no task feeds it, it stays as initialised.
+    for name, p in model.named_parameters():
+        if ".audio_tower." in name or ".embed_audio." in name:
+            p.requires_grad_(False)
     torch.manual_seed(seed)
     tasks = PretrainTasks(seed, frame_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -176,7 +181,7 @@ def pretrain_tiny_base(
         batch = collator.pad(encoded)
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

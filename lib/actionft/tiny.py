@@ -79,6 +79,11 @@ TINY_DEFAULTS = {
     "vision_head_dim": 24,
     "patch_size": 12,
     "pooling_kernel_size": 2,
+    "audio_hidden": 32,
+    "audio_layers": 1,
+    "audio_heads": 2,
+    "audio_conv_channels": [8, 4],
+    "audio_output_dims": 48,
     "init_std": 0.05,
 }
 
@@ -139,7 +144,8 @@ def build_processor(tokenizer, patch_size: int, pooling_kernel_size: int, max_so
 
 
 def tiny_config(tokenizer, **overrides):
-    """A `Gemma4Config` of the E4B family (PLE, K/V sharing, 5:1-style sliding/full mix) at toy width."""
+    """A `Gemma4Config` of the E4B family (PLE, K/V sharing, sliding/full mix, vision and audio towers, the
+    published flags) at toy width."""
     from transformers import Gemma4Config
 
     s = {**TINY_DEFAULTS, **overrides}
@@ -162,7 +168,8 @@ def tiny_config(tokenizer, **overrides):
         "sliding_window": 512,
         "max_position_embeddings": 4096,
         "final_logit_softcapping": 30.0,
-        "use_bidirectional_attention": "vision",
+        # the published E2B/E4B leave this unset (bidirectional attention within images is for the larger models)
+        "use_bidirectional_attention": None,
         "initializer_range": s["init_std"],
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<turn|>")],
@@ -179,12 +186,32 @@ def tiny_config(tokenizer, **overrides):
         "patch_size": s["patch_size"],
         "pooling_kernel_size": s["pooling_kernel_size"],
         "position_embedding_size": 128,
+        "use_clipped_linears": True,
+        "initializer_range": s["init_std"],
+    }
+    # The published checkpoint carries an audio tower; the tiny one has the same structure and flags at toy width.
+    # Nothing here feeds it audio: it is there so that loading, LoRA targeting and freezing meet what the real
+    # checkpoint holds (transformers has no SDPA path for it, see `modeling.attn_implementation_for`).
+    audio = {
+        "hidden_size": s["audio_hidden"],
+        "num_hidden_layers": s["audio_layers"],
+        "num_attention_heads": s["audio_heads"],
+        "subsampling_conv_channels": list(s["audio_conv_channels"]),
+        "output_proj_dims": s["audio_output_dims"],
+        "conv_kernel_size": 5,
+        "attention_chunk_size": 12,
+        "attention_context_left": 13,
+        "attention_context_right": 0,
+        "attention_logit_cap": 50.0,
+        "residual_weight": 0.5,
+        "rms_norm_eps": 1e-6,
+        "use_clipped_linears": True,
         "initializer_range": s["init_std"],
     }
     return Gemma4Config(
         text_config=text,
         vision_config=vision,
-        audio_config=None,
+        audio_config=audio,
         boi_token_id=ids["boi_token"],
         eoi_token_id=ids["eoi_token"],
         image_token_id=ids["image_token"],
