@@ -79,28 +79,116 @@ def generate_answers(model, processor, samples: list[Sample], batch_size: int = 
     return answers
 
 
+SCORING_METHODS = ("prefix", "full")
+
+
 @torch.no_grad()
 def score_candidates(model, processor, samples: list[Sample], candidates: list[list[str]],
-                     max_soft_tokens: int = 280, num_frames: int = 4, progress: bool = True) -> list[list[float]]:
+                     max_soft_tokens: int = 280, num_frames: int = 4, progress: bool = True, method: str = "prefix",
+                     candidate_batch_size: int = 64, video_max_soft_tokens: int = 70) -> list[list[float]]:
     """Log-likelihood (sum over answer tokens + end of turn) of every candidate answer for every sample.
 
-    Each sample's candidates share its frames and prompt and are scored in one batch.
+    method="prefix" (default): each clip's frames and prompt go through the model once and every candidate is scored
+    as a continuation of that prefix's key/value cache, `candidate_batch_size` candidates at a time.
+    method="full": one complete forward pass (frames, prompt and answer) per candidate, the reference the prefix
+    method must equal (see tests/test_scoring.py and bench/bench_scoring.py).
     """
+    if method not in SCORING_METHODS:
+        raise ActionftError(f"scoring method must be one of {SCORING_METHODS}, got {method!r}")
+    if len(candidates) != len(samples):
+        raise ActionftError(f"{len(samples)} samples but {len(candidates)} candidate lists; give one list per sample")
+    if candidate_batch_size < 1:
+        raise ActionftError(f"candidate_batch_size must be >= 1, got {candidate_batch_size}")
     from tqdm.auto import tqdm
 
-    collator = Collator(processor, max_soft_tokens=max_soft_tokens, num_frames=num_frames, padding_side="left")
+    score = _score_prefix if method == "prefix" else _score_full
+    collator = Collator(processor, max_soft_tokens=max_soft_tokens, num_frames=num_frames, padding_side="left",
+                        video_max_soft_tokens=video_max_soft_tokens, for_generation=method == "prefix")
     scores = []
     for sample, cands in zip(tqdm(samples, desc="score labels", disable=not progress, leave=False), candidates):
-        variants = [Sample(sample.index, sample.clip_id, sample.prompt, c, sample.frames, sample.video, sample.meta)
-                    for c in cands]
-        batch = _to(collator(variants), _device_of(model))
+        if not cands:
+            raise ActionftError(f"clip {sample.clip_id}: no candidate answers to score")
+        scores.append(score(model, collator, sample, list(cands), candidate_batch_size))
+    return scores
+
+
+def _with_answer(sample: Sample, answer: str) -> Sample:
+    return Sample(sample.index, sample.clip_id, sample.prompt, answer, sample.frames, sample.video, sample.meta)
+
+
+def _score_full(model, collator: Collator, sample: Sample, cands: list[str], chunk: int) -> list[float]:
+    from actionft.likelihood import sequence_log_likelihood
+
+    out = []
+    for start in range(0, len(cands), chunk):
+        batch = _to(collator([_with_answer(sample, c) for c in cands[start:start + chunk]]), _device_of(model))
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = labels[:, 1:]
-        mask = target != -100
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores.append((picked * mask).sum(-1).tolist())
+        out += sequence_log_likelihood(model(**batch, use_cache=False).logits, labels).tolist()
+    return out
+
+
+def _score_prefix(model, collator: Collator, sample: Sample, cands: list[str], chunk: int) -> list[float]:
+    """Frames + prompt once (with the tokens every candidate starts with), then the candidates' remaining tokens as
+    a right-padded batch on copies of the prefix's cache.
+
+    Why this equals the full pass on Gemma 4: the image soft tokens sit only in the prefix; sliding-window layers keep
+    the last window of the prefix in their cache layer, which covers every position a continuation token may see;
+    the K/V-shared layers read the keys and values their source layer returns for prefix + continuation; positions
+    continue from the cache length, and per-layer inputs of the continuation come from its own token ids. Right
+    padding after an answer is never attended to by the answer (causal), so its scores are untouched.
+    """
+    import copy
+
+    from actionft.likelihood import token_log_probs
+
+    device = _device_of(model)
+    ids = [collator.completion_ids(_with_answer(sample, c)) for c in cands]
+    # tokens every candidate starts with (e.g. "The video shows") join the prefix; at least one token stays per
+    # candidate, so every candidate is scored from its own continuation
+    shared = 0
+    shortest = min(len(x) for x in ids)
+    while shared < shortest - 1 and len({x[shared] for x in ids}) == 1:
+        shared += 1
+    common = ids[0][:shared]
+    prefix = collator([sample])
+    if common:
+        extra = torch.tensor([common], dtype=prefix["input_ids"].dtype)
+        prefix["input_ids"] = torch.cat([prefix["input_ids"], extra], 1)
+        prefix["attention_mask"] = torch.cat([prefix["attention_mask"], torch.ones_like(extra)], 1)
+        prefix["mm_token_type_ids"] = torch.cat([prefix["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    prefix = _to(prefix, device)
+    out = model(**prefix, use_cache=True, logits_to_keep=shared + 1)
+    # log p of the shared tokens (the same for every candidate) and the distribution of each candidate's next token
+    shared_lp = float(token_log_probs(out.logits[:, :-1], torch.tensor([common], device=device)).sum()) \
+        if common else 0.0
+    next_logits = out.logits[:, -1:]
+    cache = out.past_key_values
+    n_prefix = prefix["input_ids"].shape[1]
+    pad = collator.tokenizer.pad_token_id
+    rest = [x[shared:] for x in ids]
+    order = sorted(range(len(rest)), key=lambda i: len(rest[i]))  # similar lengths together: less padding
+    scores = [0.0] * len(rest)
+    for start in range(0, len(order), chunk):
+        idx = order[start:start + chunk]
+        b, length = len(idx), max(len(rest[i]) for i in idx)
+        x = torch.full((b, length), pad, dtype=torch.long)
+        targets = torch.full((b, length), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            x[row, :len(rest[i])] = torch.tensor(rest[i])
+            targets[row, :len(rest[i])] = torch.tensor(rest[i])
+        x, targets = x.to(device), targets.to(device)
+        attention = torch.cat([torch.ones(b, n_prefix, dtype=torch.long, device=device), (targets != -100).long()], 1)
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(b)
+        # position t predicts token t: the first from the prefix's last logits, the others from the continuation
+        logits = next_logits.expand(b, -1, -1)
+        if length > 1:
+            cont = model(input_ids=x[:, :-1], attention_mask=attention[:, :-1], past_key_values=past,
+                         use_cache=True).logits
+            logits = torch.cat([logits.to(cont.dtype), cont], 1)
+        for row, value in zip(idx, token_log_probs(logits, targets).sum(-1).tolist()):
+            scores[row] = shared_lp + value
+        del past
     return scores
 
 
