@@ -16,31 +16,31 @@ from typing import Any
 from actionft.data import Sample
 from actionft.errors import ActionftError
 
-KINETICS_TEMPLATE = "The video shows {label}."
+def label_set_for(params: dict[str, Any], samples: list[Sample]):
+    """The evaluation's label set (see `actionft.labels`): `label_set` (a class-list file or label CSV) if set, else
+    `labels.csv` beside `metadata_path`, else the labels of `samples` (pass every split); `label_template` fills
+    classes without their own answer. None when nothing is labelled."""
+    from actionft.labels import dataset_label_set
+
+    return dataset_label_set(samples, params.get("metadata_path"), params.get("label_set"),
+                             params.get("label_template"))
 
 
-def label_candidates(samples: list[Sample], classes: list[str], template: str | None = None) -> list[list[str]]:
-    """Per sample, one answer per class. For the generated dataset the class's canonical sentence about the sample's
-    own object (so only the action differs between candidates); otherwise `template` filled with the label."""
-    from actionft import synth
-
-    out = []
-    for s in samples:
-        if template is None and all(c in synth.CLASSES for c in classes):
-            obj = s.meta.get("object") or "shape"
-            out.append([synth.CLASSES[c].answer(obj) for c in classes])
-        else:
-            out.append([(template or KINETICS_TEMPLATE).format(label=c.replace("_", " ")) for c in classes])
-    return out
+def label_candidates(samples: list[Sample], labels) -> list[list[str]]:
+    """Per sample, one answer per class of the label set, in class order."""
+    return [labels.candidates(s) for s in samples]
 
 
-def closed_set_predictions(model, processor, samples: list[Sample], classes: list[str], max_soft_tokens: int,
-                           template: str | None = None, topk: int = 5, progress: bool = True) -> list[list[str]]:
-    """Classes ranked by the likelihood of their answer, most likely first (top `topk`)."""
+def closed_set_predictions(model, processor, samples: list[Sample], labels, max_soft_tokens: int, topk: int = 5,
+                           progress: bool = True, method: str = "prefix",
+                           candidate_batch_size: int = 64) -> list[list[str]]:
+    """Classes of the label set ranked by the likelihood of their answer, most likely first (top `topk`)."""
     from actionft.infer import score_candidates
 
-    scores = score_candidates(model, processor, samples, label_candidates(samples, classes, template),
-                              max_soft_tokens=max_soft_tokens, progress=progress)
+    scores = score_candidates(model, processor, samples, label_candidates(samples, labels),
+                              max_soft_tokens=max_soft_tokens, progress=progress, method=method,
+                              candidate_batch_size=candidate_batch_size)
+    classes = labels.classes
     ranked = []
     for row in scores:
         order = sorted(range(len(classes)), key=lambda i: -row[i])
@@ -48,20 +48,9 @@ def closed_set_predictions(model, processor, samples: list[Sample], classes: lis
     return ranked
 
 
-def label_synonyms(classes: list[str]) -> dict[str, list[str]]:
-    """Words that name each class in a free-form answer (the generator's keywords; else the label itself)."""
-    from actionft import synth
-
-    return {c: list(synth.CLASSES[c].keywords) if c in synth.CLASSES else [c.replace("_", " ")] for c in classes}
-
-
-def answer_class(answer: str, classes: list[str]) -> str | None:
-    """The single class a free-form answer names (None if it names none or several)."""
-    from actionft.metrics import mentions_label
-
-    syn = label_synonyms(classes)
-    named = [c for c in classes if mentions_label(answer, syn[c][0], {syn[c][0]: syn[c][1:]})]
-    return named[0] if len(named) == 1 else None
+def answer_class(answer: str, labels) -> str | None:
+    """The single class of the label set a free-form answer names (None if it names none or several)."""
+    return labels.answer_class(answer)
 
 
 def references_by_clip(samples: list[Sample]) -> dict[str, list[str]]:
@@ -80,10 +69,11 @@ def unique_clips(samples: list[Sample]) -> list[Sample]:
     return out
 
 
-def evaluate_model(model, processor, samples: list[Sample], classes: list[str] | None, max_soft_tokens: int,
+def evaluate_model(model, processor, samples: list[Sample], labels, max_soft_tokens: int,
                    batch_size: int = 8, max_new_tokens: int = 40, semantic: bool = True,
-                   template: str | None = None, progress: bool = True) -> tuple[dict[str, float], list[dict]]:
-    """Every metric for one model on held-out clips; returns (metrics, per-sample rows)."""
+                   progress: bool = True, scoring: str = "prefix") -> tuple[dict[str, float], list[dict]]:
+    """Every metric for one model on held-out clips; returns (metrics, per-sample rows). `labels`: a `LabelSet`
+    (closed-set top-1/top-5 over its classes) or None."""
     from actionft import metrics
     from actionft.infer import generate_answers
 
@@ -97,20 +87,51 @@ def evaluate_model(model, processor, samples: list[Sample], classes: list[str] |
     for c, a, sc in zip(clips, answers, caption["per_sample"]):
         rows.append({"clip_id": c.clip_id, "frames": [str(p) for p in c.frames], "references": refs[c.clip_id],
                      "answer": a, **{k: (round(float(v), 4) if v is not None else None) for k, v in sc.items()}})
-    labelled = classes and all(c.label for c in clips)
+    labelled = labels is not None and all(c.label for c in clips)
     if labelled:
-        ranked = closed_set_predictions(model, processor, clips, classes, max_soft_tokens, template,
-                                        progress=progress)
+        labels.check_covers(clips)
+        ranked = closed_set_predictions(model, processor, clips, labels, max_soft_tokens, topk=min(5, len(labels)),
+                                        progress=progress, method=scoring)
         truth = [c.label for c in clips]
         top1 = [r[0] for r in ranked]
-        syn = label_synonyms(classes)
-        mentions = [metrics.mentions_label(a, syn[t][0], {syn[t][0]: syn[t][1:]}) for a, t in zip(answers, truth)]
+        mentions = [labels.mentions(a, t) for a, t in zip(answers, truth)]
         out["top1"] = round(metrics.accuracy(truth, top1), 4)
-        out["top5"] = round(metrics.topk_accuracy(truth, ranked, min(5, len(classes))), 4)
+        out["top5"] = round(metrics.topk_accuracy(truth, ranked, min(5, len(labels))), 4)
         out["mentions_label"] = round(sum(mentions) / len(mentions), 4)
         for row, t, r, m in zip(rows, truth, ranked, mentions):
             row.update({"label": t, "predicted": r[0], "ranked": r, "mentions_label": m})
     return out, rows
+
+
+def closed_set_report(rows: dict[str, list[dict]], labels, out_dir: str | Path | None = None,
+                      n_confusions: int = 20) -> dict[str, Any]:
+    """Per-class accuracy and the most frequent confusions of each model (readable at hundreds of classes: a list
+    of the top confusions, not a full matrix); with `out_dir`, also writes per_class.json, confusions.json and
+    confusion.png (per model, the classes with the most errors)."""
+    from actionft import metrics
+
+    report: dict[str, Any] = {"per_class": {}, "confusions": {}}
+    named = {name: r for name, r in rows.items() if r and all("predicted" in x for x in r)}
+    for name, r in named.items():
+        truth, pred = [x["label"] for x in r], [x["predicted"] for x in r]
+        report["per_class"][name] = metrics.per_class_table(truth, pred, labels.classes)
+        report["confusions"][name] = metrics.top_confusions(truth, pred, n_confusions)
+    if out_dir is not None and named:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "per_class.json").write_text(json.dumps(report["per_class"], indent=1))
+        (out_dir / "confusions.json").write_text(json.dumps(report["confusions"], indent=1))
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(named), figsize=(7 * len(named), 6.5), squeeze=False)
+        for ax, (name, r) in zip(axes[0], named.items()):
+            cm = metrics.confusion_matrix([x["label"] for x in r], [x["predicted"] for x in r], labels.classes)
+            metrics.plot_confusion(cm, labels.classes, ax=ax)
+            ax.set_title(f"{name}: {ax.get_title()}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / "confusion.png", dpi=110)
+        plt.close(fig)
+    return report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -126,24 +147,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str | Path, split: str = "test",
                    progress: bool = True) -> dict[str, Any]:
-    """Evaluate base and base + adapter on `split`; write metrics.json and per_sample.json; return metrics."""
+    """Evaluate base and base + adapter on `split`; write metrics.json and per_sample.json (and, with labels,
+    per_class.json, confusions.json and confusion.png); return metrics."""
     from actionft import train
     from actionft.infer import load_for_inference
 
     cfg = train.resolve_config(params)
-    samples = train.load_splits(cfg, progress=progress)[split]
+    splits = train.load_splits(cfg, progress=progress)
+    samples = splits[split]
     if not samples:
         raise ActionftError(f"the {split} split is empty; set test_fraction (or the metadata split column)")
-    classes = sorted({s.label for s in samples if s.label}) or None
-    eval_kwargs = dict(classes=classes, max_soft_tokens=cfg["max_soft_tokens"],
-                       batch_size=cfg["per_device_eval_batch_size"], template=params.get("label_template"),
-                       progress=progress)
+    labels = label_set_for({**cfg, **params}, [s for part in splits.values() for s in part])
+    eval_kwargs = dict(labels=labels, max_soft_tokens=cfg["max_soft_tokens"],
+                       batch_size=cfg["per_device_eval_batch_size"], progress=progress)
     results, per_sample = {}, {}
     for name, adapter in (("base", None), ("finetuned", adapter_dir)):
         model, processor = load_for_inference(cfg["model_id"], adapter, bf16=False)
         results[name], per_sample[name] = evaluate_model(model, processor, samples, **eval_kwargs)
         del model
     metrics_out = {"base": results["base"], "finetuned": results["finetuned"], "n": len(unique_clips(samples))}
+    if labels is not None:
+        metrics_out["classes"] = len(labels)
+        closed_set_report(per_sample, labels, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics_out, indent=1))
@@ -174,6 +199,7 @@ def training_signal_checks(model, processor, samples: list[Sample], max_soft_tok
     import torch
 
     from actionft.collate import Collator
+    from actionft.likelihood import mean_token_nll
     from actionft.train import supervised_loss
 
     device = next(model.parameters()).device
@@ -207,10 +233,7 @@ def training_signal_checks(model, processor, samples: list[Sample], max_soft_tok
             out_nocache = model(**inputs, use_cache=False)
 
             def ce(logits):
-                logp = torch.log_softmax(logits[:, :-1].float(), -1)
-                tgt = labels[:, 1:]
-                mask = tgt != -100
-                return -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum() / mask.sum()
+                return mean_token_nll(logits, labels)
 
             row("loss: use_cache on vs off", ce(out_cache.logits), ce(out_nocache.logits))
             by_hand = ce(out_nocache.logits)

@@ -8,7 +8,8 @@ Two families of metrics live here:
   loaded from site-packages without touching the network.
 * Closed-set metrics for datasets with class labels: :func:`mentions_label`,
   :func:`accuracy`, :func:`topk_accuracy`, :func:`confusion_matrix`,
-  :func:`per_class_table` and :func:`plot_confusion`.
+  :func:`per_class_table`, :func:`top_confusions` and :func:`plot_confusion`
+  (which keeps to the classes with the most errors when there are hundreds).
 
 :func:`summary_table` renders a ``{model: {metric: value}}`` dict as markdown.
 
@@ -41,6 +42,8 @@ __all__ = [
     "topk_accuracy",
     "confusion_matrix",
     "per_class_table",
+    "top_confusions",
+    "confusion_subset",
     "plot_confusion",
     "summary_table",
 ]
@@ -443,23 +446,57 @@ def per_class_table(y_true: list[str], y_pred: list[str], classes: list[str]) ->
     return rows
 
 
-def plot_confusion(cm, classes, ax=None, normalize: bool = True, annotate: bool | None = None):
+def top_confusions(y_true: list[str], y_pred: list[str], n: int = 20) -> list[dict]:
+    """The ``n`` most frequent (true, predicted) pairs with true != predicted, most frequent first (ties by name).
+
+    Keys: ``true``, ``predicted``, ``count`` and ``share`` (count / samples of the true class). Readable at any
+    number of classes, unlike a full matrix.
+    """
+    _check_labels(y_true, y_pred)
+    from collections import Counter
+
+    per_class = Counter(y_true)
+    pairs = Counter((t, p) for t, p in zip(y_true, y_pred) if t != p)
+    ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return [{"true": t, "predicted": p, "count": c, "share": round(c / per_class[t], 4)} for (t, p), c in ranked]
+
+
+def confusion_subset(cm, classes, max_classes: int = 30):
+    """(sub-matrix, class names, kept indices) of the ``max_classes`` classes with the most errors (as true or as
+    predicted class; ties by order), in their original order. All classes when there are no more than that."""
+    cm = np.asarray(cm)
+    k = len(classes)
+    if k <= max_classes:
+        return cm, list(classes), list(range(k))
+    off = cm - np.diag(np.diag(cm))
+    errors = off.sum(axis=0) + off.sum(axis=1)
+    keep = sorted(sorted(range(k), key=lambda i: (-errors[i], i))[:max_classes])
+    return cm[np.ix_(keep, keep)], [classes[i] for i in keep], keep
+
+
+def plot_confusion(cm, classes, ax=None, normalize: bool = True, annotate: bool | None = None,
+                   max_classes: int = 30):
     """Draw a confusion matrix (rows true, columns predicted) and return the Axes.
 
     With ``normalize=True`` each row is divided by its total (rows without
     samples stay 0) and cells are annotated with two decimals; otherwise raw
     counts are shown. ``annotate=None`` annotates when there are at most 40
     classes (text is unreadable beyond that); pass True/False to force.
+    With more than ``max_classes`` classes only the ``max_classes`` with the most errors are drawn (rows still
+    normalised by each class's full total; the title says how many of how many).
     A new figure is created when ``ax`` is None.
     """
     import matplotlib.pyplot as plt
 
     cm = np.asarray(cm)
+    k_all = len(classes)
+    if cm.shape != (k_all, k_all):
+        raise ValueError(f"cm has shape {cm.shape} but there are {k_all} classes")
+    full_totals = cm.sum(axis=1)
+    cm, classes, keep = confusion_subset(cm, classes, max_classes)
     k = len(classes)
-    if cm.shape != (k, k):
-        raise ValueError(f"cm has shape {cm.shape} but there are {k} classes")
     if normalize:
-        totals = cm.sum(axis=1, keepdims=True).astype(np.float64)
+        totals = full_totals[keep].reshape(-1, 1).astype(np.float64)
         data = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=np.float64), where=totals > 0)
         vmax = 1.0
     else:
@@ -476,7 +513,8 @@ def plot_confusion(cm, classes, ax=None, normalize: bool = True, annotate: bool 
     ax.set_yticklabels(classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix" + (" (row-normalised)" if normalize else ""))
+    subset = f", the {k} of {k_all} classes with most errors" if k < k_all else ""
+    ax.set_title("confusion matrix" + (" (row-normalised)" if normalize else "") + subset)
     if annotate is None:
         annotate = k <= 40
     if annotate:

@@ -69,6 +69,16 @@ CLASSES: dict[str, ActionClass] = {
 }
 
 
+def label_set(classes: list[str] | None = None):
+    """The generated dataset's label set: each class scored as its canonical sentence about the clip's own object
+    (metadata column `object`, so only the action differs between candidates); its keywords name it in free text."""
+    from actionft.labels import LabelSet
+
+    classes = list(classes or CLASSES)
+    return LabelSet(classes, {c: CLASSES[c].templates[0].replace("{obj}", "{object}") for c in classes},
+                    {c: list(CLASSES[c].keywords) for c in classes}, "the generated dataset's labels.csv")
+
+
 @dataclass
 class Clip:
     """Everything needed to render one clip at any time t in [0, 1]."""
@@ -210,7 +220,8 @@ def generate_dataset(
     """Render the dataset into `out_dir`; return a summary. Deterministic for a given seed and settings.
 
     Layout: `videos/<clip>.mp4`, `frames/<clip>/frame_<k>.jpg`, `data.json` (reference format, image items),
-    `data_video.json` (same samples as video items), `metadata.csv` (clip_id, split, label, ...).
+    `data_video.json` (same samples as video items), `metadata.csv` (clip_id, split, label, ...), `labels.csv`
+    (the label set: class, answer template, synonyms).
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -263,6 +274,7 @@ def generate_dataset(
             "timestamps": " ".join(f"{(idx + 0.5) / fps:.3f}" for idx in keep),
         })
     (tmp_dir / "data.json").write_text(json.dumps(records, indent=1))
+    label_set(classes).write(tmp_dir / "labels.csv")
     if videos:
         (tmp_dir / "data_video.json").write_text(json.dumps(video_records, indent=1))
     with (tmp_dir / "metadata.csv").open("w", newline="") as fh:
@@ -286,7 +298,7 @@ def ensure_dataset(out_dir: str | Path, **kwargs) -> Path:
     out_dir = Path(out_dir)
     marker = out_dir / "summary.json"
     wanted = {k: v for k, v in kwargs.items() if k != "progress"}
-    if marker.is_file():
+    if marker.is_file() and (out_dir / "labels.csv").is_file():
         previous = json.loads(marker.read_text()).get("settings")
         if previous == json.loads(json.dumps(wanted)):
             return out_dir

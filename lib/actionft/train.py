@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from actionft.errors import ActionftError
 
@@ -86,7 +85,8 @@ DEFAULTS: dict[str, Any] = {
 # Parameters that only notebooks 00 and 05-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
 # training ignores them. A test keeps this list in step with the notebooks' `parameters` cells.
 OTHER_KEYS = frozenset({
-    "adapter_dir", "add_missing_clip", "annotations", "batch_size", "eval_split", "jpeg_quality", "label_template",
+    "adapter_dir", "add_missing_clip", "annotations", "batch_size", "eval_split", "jpeg_quality", "label_set",
+    "label_template",
     "max_clips", "max_mean_diff", "max_new_tokens", "n_checked", "n_examples", "n_show", "semantic", "size",
     "video_data_path", "video_dir", "workers",
 })
@@ -285,11 +285,9 @@ def supervised_loss(model, inputs: dict, num_items_in_batch=None, logits_only_wh
         first = int(supervised.any(0).nonzero()[0]) + 1  # first supervised label position in the batch
         keep = length - first + 1
     outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
-    logits = outputs.logits
-    targets = labels[:, length - logits.shape[1] + 1:]
-    loss_sum = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    from actionft.likelihood import sequence_log_likelihood
+
+    loss_sum = -sequence_log_likelihood(outputs.logits, labels).sum()
     denom = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
     if torch.is_tensor(denom):
         denom = denom.to(loss_sum.device)
