@@ -67,7 +67,7 @@ def test_prefix_scores_equal_full_pass(model, processor, clips):
 
 
 def test_shared_leading_tokens_and_single_candidate(model, processor, clips):
-    """All candidates share "The video shows" (it joins the prefix); a single candidate keeps its last token to score."""
+    """All candidates share "The video shows" (it joins the prefix); a single candidate keeps its last token."""
     clip = clips[:1]
     cands = [[f"The video shows {k}." for k in KINETICS]]
     kw = dict(max_soft_tokens=70, progress=False)

@@ -1,8 +1,10 @@
 """Held-out evaluation: base vs fine-tuned on the same frames and prompts.
 
 Closed-set accuracy (when labels are known) scores every candidate label's answer under the model and takes the
-most likely one, so a model that ignores the frames lands at chance, not at zero. Free-form answers are generated
-greedily and scored with caption metrics (`actionft.metrics`) and "does the answer mention the right label".
+most likely one, so a model that ignores the frames lands at chance, not at zero. The label set comes from the
+data (`actionft.labels`); each clip is encoded once for all its labels (`infer.score_candidates`, "prefix").
+Free-form answers are generated greedily and scored with caption metrics (`actionft.metrics`) and "does the
+answer mention the right label".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from actionft.data import Sample
 from actionft.errors import ActionftError
+
 
 def label_set_for(params: dict[str, Any], samples: list[Sample]):
     """The evaluation's label set (see `actionft.labels`): `label_set` (a class-list file or label CSV) if set, else

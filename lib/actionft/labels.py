@@ -155,8 +155,8 @@ def read_label_set(path: str | Path, template: str | None = None) -> LabelSet:
     return LabelSet(classes, answers, synonyms, source)
 
 
-def dataset_label_set(samples: list[Sample], metadata_path: str | Path | None = None, label_set: str | Path | None = None,
-                      template: str | None = None) -> LabelSet | None:
+def dataset_label_set(samples: list[Sample], metadata_path: str | Path | None = None,
+                      label_set: str | Path | None = None, template: str | None = None) -> LabelSet | None:
     """The label set of an evaluation: `label_set` if given, else `labels.csv` beside the metadata, else the distinct
     labels of `samples` (pass every split, so classes absent from the test split still compete); None when no sample
     has a label. The held-out clips' labels must all be classes of the set (checked by the caller)."""
