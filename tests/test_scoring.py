@@ -108,3 +108,22 @@ def test_bad_arguments(model, processor, clips):
         score_candidates(model, processor, clips[:1], [["a"], ["b"]], progress=False)
     with pytest.raises(ActionftError, match="no candidate answers"):
         score_candidates(model, processor, clips[:1], [[]], progress=False)
+
+
+def test_prefix_scores_equal_full_pass_with_a_lora_adapter(processor, clips):
+    """Base + LoRA (random non-zero B, so the adapter changes every projection) as evaluation loads it: a PeftModel."""
+    from actionft import train
+
+    cfg = train.resolve_config({"model_id": "tiny", "synth": True, "lora_r": 4, "lora_dropout": 0.0, "bf16": False,
+                                "gradient_checkpointing": False})
+    torch.manual_seed(1)
+    peft_model = train.build_model(cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.eval()
+    cands = candidate_lists(processor, clips[:1])
+    kw = dict(max_soft_tokens=70, progress=False)
+    compare(score_candidates(peft_model, processor, clips[:1], cands, method="full", **kw),
+            score_candidates(peft_model, processor, clips[:1], cands, method="prefix", **kw))
