@@ -73,6 +73,11 @@ def test_where_the_label_set_comes_from(tmp_path, synth_dataset, synth_samples):
     plain = dataset_label_set(synth_samples, tmp_path / "metadata.csv", template="It does {label}.")
     assert plain.classes == sorted(CLASSES) and plain.answer("move_left") == "It does move left."
     assert dataset_label_set([s for s in synth_samples if False]) is None
+    both = dataset_label_set(synth_samples, None, [synth_dataset / "labels.csv", KINETICS[400]])
+    assert len(both) == 409 and both.classes[:9] == list(CLASSES) and "{object}" in both.answers["grow"]
+    both.check_covers(synth_samples)
+    with pytest.raises(ActionftError, match="class 'abseiling' is in both"):
+        dataset_label_set(synth_samples, None, [KINETICS[400], KINETICS[600]])
     with pytest.raises(ActionftError, match=r"has label 'grow', which is not in label set .*kinetics400"):
         given.check_covers(synth_samples)
 

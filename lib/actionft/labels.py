@@ -155,13 +155,29 @@ def read_label_set(path: str | Path, template: str | None = None) -> LabelSet:
     return LabelSet(classes, answers, synonyms, source)
 
 
+def combine(sets: list[LabelSet]) -> LabelSet:
+    """Several label sets as one, classes in order (e.g. a dataset's own classes + Kinetics-400 as distractors)."""
+    classes, answers, synonyms, where = [], {}, {}, {}
+    for ls in sets:
+        for c in ls.classes:
+            if c in where:
+                raise ActionftError(f"class {c!r} is in both {where[c]} and {ls.source}; keep it in one")
+            where[c] = ls.source
+            classes.append(c)
+            answers[c], synonyms[c] = ls.answers[c], ls.synonyms[c]
+    return LabelSet(classes, answers, synonyms, " + ".join(ls.source for ls in sets))
+
+
 def dataset_label_set(samples: list[Sample], metadata_path: str | Path | None = None,
-                      label_set: str | Path | None = None, template: str | None = None) -> LabelSet | None:
-    """The label set of an evaluation: `label_set` if given, else `labels.csv` beside the metadata, else the distinct
-    labels of `samples` (pass every split, so classes absent from the test split still compete); None when no sample
-    has a label. The held-out clips' labels must all be classes of the set (checked by the caller)."""
+                      label_set: str | Path | list | None = None, template: str | None = None) -> LabelSet | None:
+    """The label set of an evaluation: `label_set` if given (a file, or a list of files combined), else `labels.csv`
+    beside the metadata, else the distinct labels of `samples` (pass every split, so classes absent from the test
+    split still compete); None when no sample has a label. The held-out clips' labels must all be classes of the set
+    (checked by the caller)."""
     from actionft.modeling import resolve_path
 
+    if isinstance(label_set, (list, tuple)):
+        return combine([read_label_set(resolve_path(f), template) for f in label_set]) if label_set else None
     if label_set:
         return read_label_set(resolve_path(label_set), template)
     if metadata_path:
