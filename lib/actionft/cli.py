@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "synth": "actionft.synth",
     "validate": "actionft.data",
     "prepare": "actionft.prepare",
+    "compare": "actionft.compare",
 }
 
 

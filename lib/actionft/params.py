@@ -46,11 +46,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a params file (or start empty) and apply `key=value` overrides in order."""
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a params file (or start empty) and apply `key=value` overrides in order.
+
+    A file may start from another one with `extends: other.yaml` (a path relative to the file): the other file's
+    values first, then this file's.
+    """
     params: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.resolve() in _seen:
+            raise ActionftError(f"params file {path} extends itself (through {', '.join(map(str, _seen))})")
         if not path.is_file():
             raise ActionftError(f"params file {path} does not exist; see params/ for the shipped ones")
         try:
@@ -59,6 +66,11 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ActionftError(f"params file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ActionftError(f"params file {path} must be a mapping of name: value, got {type(loaded).__name__}")
+        base = loaded.pop("extends", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ActionftError(f"params file {path}: extends must be a file name, got {base!r}")
+            params.update(load_params(path.parent / base, _seen=(*_seen, path.resolve())))
         params.update(loaded)
     for text in overrides:
         key, value = parse_override(text)

@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "max_train_samples": None,
     "max_eval_samples": None,
     "use_lora": True,
+    # QLoRA: the language model's linear layers frozen in 4-bit NF4 (bitsandbytes), LoRA on top as usual
+    "load_in_4bit": False,
     "lora_r": 16,
     "lora_alpha": 32,
     "lora_dropout": 0.05,
@@ -80,6 +82,9 @@ DEFAULTS: dict[str, Any] = {
     "attn_implementation": "sdpa",
     "padding_side": "left",
     "supervised_logits_only": True,
+    # where the training logs go besides trainer_state.json: "tensorboard" (event files in <run>/tensorboard/),
+    # "none", or a list of transformers' integrations (their packages must be installed)
+    "report_to": "tensorboard",
     "num_processes": None,  # what `--dry-run` plans for; None: the launcher's WORLD_SIZE (1 in a plain process)
 }
 
@@ -112,9 +117,53 @@ def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_frames"):
         if int(cfg[key]) < 1:
             raise ActionftError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["load_in_4bit"]:
+        check_quantized(cfg)
+    reporters = report_targets(cfg)
+    if "none" in reporters and len(reporters) > 1:
+        raise ActionftError(f"report_to: 'none' cannot be combined with {reporters}; choose one or the other")
     if cfg["padding_side"] not in ("left", "right"):
         raise ActionftError(f"padding_side must be 'left' or 'right', got {cfg['padding_side']!r}")
     return cfg
+
+
+def check_quantized(cfg: dict[str, Any]) -> None:
+    """A 4-bit base trains adapters only, and its packed weights cannot be sharded by ZeRO-3."""
+    from actionft.modeling import resolve_path
+
+    if not cfg["use_lora"]:
+        raise ActionftError("load_in_4bit: true needs use_lora: true (4-bit weights cannot be trained; "
+                            "QLoRA trains LoRA adapters on a frozen 4-bit base)")
+    if cfg["deepspeed"]:
+        path = resolve_path(cfg["deepspeed"])
+        try:
+            stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError) as exc:
+            raise ActionftError(f"DeepSpeed config {path}: cannot read it ({exc})") from None
+        if stage == 3:
+            raise ActionftError(f"load_in_4bit: true with ZeRO-3 ({path}): DeepSpeed cannot shard bitsandbytes' "
+                                "packed 4-bit weights; use params/deepspeed/zero2.json or deepspeed: null")
+
+
+def report_targets(cfg: dict[str, Any]) -> list[str]:
+    """`report_to` as a list ("none" for none)."""
+    value = cfg["report_to"]
+    targets = [value] if isinstance(value, str) else list(value or ["none"])
+    if not all(isinstance(t, str) and t for t in targets):
+        raise ActionftError(f"report_to must be a name or a list of names (e.g. tensorboard, none), got {value!r}")
+    return targets
+
+
+def tensorboard_callbacks(cfg: dict[str, Any], out: Path) -> list:
+    """The TensorBoard writer, pointed at <run>/tensorboard/ (the Trainer's own default is a dated folder under
+    the checkpoints, which a resumed run would split in two)."""
+    if "tensorboard" not in report_targets(cfg):
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(out / "tensorboard")
+    return [callback]
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:
@@ -205,8 +254,16 @@ def build_model(cfg: dict[str, Any], model=None):
     from actionft.modeling import load_model
 
     if model is None:
-        model = load_model(cfg["model_id"], bf16=cfg["bf16"], attn_implementation=cfg["attn_implementation"])
+        model = load_model(cfg["model_id"], bf16=cfg["bf16"], attn_implementation=cfg["attn_implementation"],
+                           load_in_4bit=cfg["load_in_4bit"])
     model.config.use_cache = False
+    if cfg["load_in_4bit"]:
+        # peft's prepare_model_for_kbit_training, less its upcast of every non-4-bit weight to fp32: for E4B that
+        # would turn the 3.5 B embedding and per-layer-input parameters into 13 GiB. What remains: freeze the base
+        # (get_peft_model does) and let gradients reach checkpointed blocks (below); the Trainer enables
+        # checkpointing itself.
+        for p in model.parameters():
+            p.requires_grad_(False)
     if not cfg["use_lora"]:  # every text weight trains; a tower only at a positive lr, audio never
         lr_of = {"vision_tower": cfg["image_encoder_lr"], "embed_vision": cfg["projector_lr"]}
         for name, p in model.named_parameters():
@@ -224,7 +281,7 @@ def build_model(cfg: dict[str, Any], model=None):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    if cfg["gradient_checkpointing"]:
+    if cfg["gradient_checkpointing"] or cfg["load_in_4bit"]:
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps LoRA gradients flowing.
         model.enable_input_require_grads()
     return model
@@ -401,7 +458,8 @@ def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
         dataloader_num_workers=cfg["dataloader_num_workers"],
         seed=cfg["seed"],
         deepspeed=str(ds) if ds else None,
-        report_to="none",
+        # TensorBoard is added as a callback with its own folder (tensorboard_callbacks)
+        report_to=[t for t in report_targets(cfg) if t not in ("tensorboard", "none")] or "none",
         remove_unused_columns=False,
         prediction_loss_only=True,
         disable_tqdm=False,
@@ -439,6 +497,7 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
     trainer = make_trainer_class()(
         model=model, args=args, data_collator=collator, train_dataset=SampleDataset(splits["train"]),
         eval_dataset=SampleDataset(splits["val"]) if splits["val"] else None, cfg=cfg,
+        callbacks=tensorboard_callbacks(cfg, out),
     )
     info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor}
     return trainer, info
@@ -453,6 +512,21 @@ def latest_checkpoint(folder: Path) -> str:
         raise ActionftError(f"resume_from_checkpoint=latest, but {folder} holds no complete checkpoint-N folder; "
                             "start without resume_from_checkpoint or point it at a checkpoint folder")
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def optimizer_chain(optimizer) -> str:
+    """The optimizer that ran, outermost wrapper first (`DeepSpeedOptimizerWrapper > DeepSpeedZeroOptimizer >
+    bitsandbytes.AdamW 8-bit paged` under ZeRO-2), so a run's summary shows what actually stepped the weights."""
+    names = []
+    while optimizer is not None and len(names) < 6:
+        name = type(optimizer).__name__
+        if type(optimizer).__module__.startswith("bitsandbytes"):
+            # transformers builds paged_adamw_8bit as bitsandbytes' AdamW with optim_bits=8, is_paged=True
+            bits = getattr(getattr(optimizer, "args", None), "optim_bits", 32)
+            name = f"bitsandbytes.{name} {bits}-bit" + (" paged" if getattr(optimizer, "is_paged", False) else "")
+        names.append(name)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return " > ".join(names)
 
 
 def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
@@ -478,6 +552,8 @@ def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
         "train_loss": round(result.training_loss, 4),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_samples_per_s": round(result.metrics.get("train_samples_per_second", 0.0), 3),
+        "optimizer": optimizer_chain(trainer.optimizer),
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
     }
     if trainer.is_world_process_zero():
         info["processor"].save_pretrained(str(adapter_dir))
