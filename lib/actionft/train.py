@@ -23,107 +23,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from actionft import config
 from actionft.errors import ActionftError
 
-# Defaults = the reference run (seed_run.md), except paths and the model, which the params files set.
-DEFAULTS: dict[str, Any] = {
-    "run_name": "run",
-    "output_root": "outputs",
-    "model_id": "tiny",
-    "data_path": None,
-    "image_folder": None,
-    "metadata_path": None,
-    "synth": False,
-    # the generated dataset's settings (used when synth is true; see actionft.synth.generate_dataset)
-    "synth_clips_per_class": 60,
-    "synth_val_per_class": 6,
-    "synth_test_per_class": 10,
-    "synth_seed": 0,
-    "synth_frame_size": 192,
-    "num_frames": 4,
-    "max_soft_tokens": 280,
-    "video_max_soft_tokens": 70,
-    "split_seed": 0,
-    "val_fraction": 0.1,
-    "test_fraction": 0.1,
-    "max_train_samples": None,
-    "max_eval_samples": None,
-    "use_lora": True,
-    # QLoRA: the language model's linear layers frozen in 4-bit NF4 (bitsandbytes), LoRA on top as usual
-    "load_in_4bit": False,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.05,
-    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "image_encoder_lr": 0.0,
-    "projector_lr": 0.0,
-    "num_train_epochs": 3,
-    "max_steps": -1,
-    "per_device_train_batch_size": 1,
-    "per_device_eval_batch_size": 8,
-    "gradient_accumulation_steps": 8,
-    "learning_rate": 2e-4,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.03,
-    "lr_scheduler_type": "cosine",
-    "max_grad_norm": 1.0,
-    "gradient_checkpointing": True,
-    "bf16": True,
-    "optim": "paged_adamw_8bit",
-    "save_strategy": "steps",
-    "save_steps": 200,
-    "save_total_limit": 2,
-    "logging_steps": 10,
-    "eval_steps": None,
-    "dataloader_num_workers": 4,
-    "seed": 42,
-    "deepspeed": "params/deepspeed/zero2.json",
-    "resume_from_checkpoint": None,
-    "attn_implementation": "sdpa",
-    "padding_side": "left",
-    "supervised_logits_only": True,
-    # where the training logs go besides trainer_state.json: "tensorboard" (event files in <run>/tensorboard/),
-    # "none", or a list of transformers' integrations (their packages must be installed)
-    "report_to": "tensorboard",
-    "num_processes": None,  # what `--dry-run` plans for; None: the launcher's WORLD_SIZE (1 in a plain process)
-}
+# Every parameter's type, range and default: actionft.config (one section per concern). Defaults = the reference
+# run (seed_run.md), except paths and the model, which the params files set.
+DEFAULTS: dict[str, Any] = config.defaults()
 
-# Parameters that only notebooks 00 and 05-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
-# training ignores them. A test keeps this list in step with the notebooks' `parameters` cells.
-OTHER_KEYS = frozenset({
-    "adapter_dir", "add_missing_clip", "annotations", "batch_size", "eval_split", "jpeg_quality", "label_template",
-    "max_clips", "max_mean_diff", "max_new_tokens", "n_checked", "n_examples", "n_show", "semantic", "size",
-    "video_data_path", "video_dir", "workers",
-})
+# Parameters that only notebooks 00 and 02-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
+# training ignores them. A test keeps them in step with the notebooks' `parameters` cells.
+OTHER_KEYS = frozenset(config.defaults(("evaluation", "prepare")))
 
 # Modules of Gemma4ForConditionalGeneration that LoRA never touches (towers and their projections into text).
 NON_TEXT_MODULES = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 
 
 def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
-    """Defaults + params, with unknown-key and consistency checks."""
-    unknown = sorted(set(params) - set(DEFAULTS) - OTHER_KEYS)
-    if unknown:
-        import difflib
-
-        known = list(DEFAULTS) + sorted(OTHER_KEYS)
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
-        raise ActionftError(f"unknown parameter(s): {', '.join(hints)}; the known ones are in params/tiny.yaml "
-                            "and the notebooks' parameters cells")
-    cfg = dict(DEFAULTS)
-    cfg.update({k: v for k, v in params.items() if k in DEFAULTS})
+    """Defaults + params: names, types and ranges checked (actionft.config), then the checks across keys."""
+    cfg = {k: v for k, v in config.validate(params).items() if k in DEFAULTS}  # types and ranges checked
     if cfg["data_path"] is None and not cfg["synth"]:
         raise ActionftError("set data_path and image_folder (or synth: true for the generated dataset)")
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_frames"):
-        if int(cfg[key]) < 1:
-            raise ActionftError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["load_in_4bit"]:
         check_quantized(cfg)
     reporters = report_targets(cfg)
     if "none" in reporters and len(reporters) > 1:
         raise ActionftError(f"report_to: 'none' cannot be combined with {reporters}; choose one or the other")
-    if cfg["padding_side"] not in ("left", "right"):
-        raise ActionftError(f"padding_side must be 'left' or 'right', got {cfg['padding_side']!r}")
     return cfg
 
 
