@@ -138,13 +138,11 @@ def ensure_data(cfg: dict[str, Any]) -> None:
     if not cfg.get("synth"):
         return
     from actionft.modeling import resolve_path
-    from actionft.synth import ensure_dataset, generate_dataset
+    from actionft.synth import ensure_dataset, settings
 
-    known = generate_dataset.__code__.co_varnames[1:generate_dataset.__code__.co_argcount]
-    kwargs = {k[len("synth_"):]: v for k, v in cfg.items() if k.startswith("synth_") and k[len("synth_"):] in known}
     folder = resolve_path(cfg["image_folder"])
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        ensure_dataset(folder, **kwargs)
+        ensure_dataset(folder, **settings(cfg))
         return
     # other processes of a multi-process launch wait for the first one to render it
     deadline = time.time() + 900
