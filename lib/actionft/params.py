@@ -50,11 +50,12 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a params file (or start empty) and apply `key=value` overrides in order."""
     params: dict[str, Any] = {}
     if path is not None:
+        from actionft.data import read_text_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ActionftError(f"params file {path} does not exist; see params/ for the shipped ones")
+        text = read_text_file(path, "params file", "see params/ for the shipped ones")
         try:
-            loaded = _load_yaml(path.read_text()) or {}
+            loaded = _load_yaml(text) or {}
         except yaml.YAMLError as err:
             raise ActionftError(f"params file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
