@@ -377,6 +377,7 @@ POOL_DECODER_THREADS = 1  # decoder threads in each worker process (None: FFmpeg
 
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (forked): SIGTERM ends a worker
     if sys.platform.startswith("linux"):
         # Should the parent die without stopping the pool (SIGKILL), the kernel sends each worker SIGTERM.
         try:
