@@ -392,6 +392,15 @@ def test_finished_run_resumed_adds_no_step_and_disk_full_is_one_line(train_param
     assert again["global_step"] == 2
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
+    # Killed after the last checkpoint but before the adapter was saved: the adapter comes from the checkpoint.
+    import shutil
+
+    shutil.rmtree(run / "adapter")
+    (run / "trainer_state.json").unlink()
+    again = fit(trainer, info)
+    assert again["global_step"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "trainer_state.json").is_file()
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "checkpoints" / "checkpoint-1"))
