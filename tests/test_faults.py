@@ -273,7 +273,10 @@ def test_prepare_reports_truncated_clips_by_name(cut_clips, tmp_path, capsys):
 
 
 # -- 5. SIGTERM to prepare's parent stops the whole pool -----------------------------------------------------
-def test_sigterm_to_prepare_stops_its_workers(clips, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_sigterm_to_prepare_stops_its_workers(clips, tmp_path, sig):
+    """`kill PID` (SIGTERM, to the parent only) stops the pool with it; even SIGKILL, which the parent cannot
+    handle, leaves no orphan (the kernel signals the workers when their parent dies)."""
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "out"
     script = (
@@ -290,25 +293,29 @@ def test_sigterm_to_prepare_stops_its_workers(clips, tmp_path):
     args[args.index("--workers") + 1] = "2"
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    workers = []
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 60
-        workers = []
         while len(workers) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read()
             workers = [c for c in parent.children(recursive=True) if "python" in c.name().lower()]
             time.sleep(0.1)
         assert len(workers) >= 2, "the pool never started"
         time.sleep(0.5)  # the workers have taken their first clips
-        proc.send_signal(signal.SIGTERM)  # to the parent only, as `kill PID` does
+        proc.send_signal(sig)  # to the parent only, as `kill PID` does
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143
-    assert "interrupted" in proc.stderr.read()
-    gone, alive = psutil.wait_procs(workers, timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        for w in alive:
+            w.kill()
     assert not alive, f"orphaned workers: {alive}"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "interrupted" in proc.stderr.read()
+    else:
+        assert proc.returncode == -signal.SIGKILL
     assert not (out / "data.json").exists()
 
 
