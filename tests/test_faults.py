@@ -377,6 +377,24 @@ def test_run_folder_read_only(train_params, tmp_path, capsys, no_model, read_onl
     assert code == 2 and any(w in one_line(err) for w in READ_ONLY_WORDS) and str(read_only / "r") in err
 
 
+def test_a_fresh_start_sets_earlier_checkpoints_aside(train_params, tmp_path, no_model):
+    """Starting a run over in its folder keeps the earlier attempt's checkpoints, out of reach of `latest` and of
+    the Trainer's rotation: a later resume can only continue the new attempt."""
+    from actionft.errors import ActionftError
+    from actionft.train import latest_checkpoint, prepare, resolve_config
+
+    params = {**train_params, "run_name": "again", "output_root": str(tmp_path)}
+    run = tmp_path / "again"
+    (run / "checkpoints" / "checkpoint-60").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-60" / "trainer_state.json").write_text('{"global_step": 60}')
+    (run / "train_config.json").write_text(json.dumps(resolve_config(params)))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the checks and the set-aside come first
+        prepare(params, progress=False)
+    assert (run / "checkpoints" / "previous-1" / "checkpoint-60" / "trainer_state.json").is_file()
+    with pytest.raises(ActionftError, match="no complete checkpoint"):
+        latest_checkpoint(run / "checkpoints")
+
+
 @pytest.mark.slow
 def test_finished_run_resumed_adds_no_step_and_disk_full_is_one_line(train_params, tmp_path, monkeypatch):
     """A 2-step run (checkpoint every step) on the tiny model, in this process without DeepSpeed; then `latest` on

@@ -470,6 +470,8 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
     writable_folder(out, "run folder")
     resume = resolve_resume(cfg, out)
     if int(os.environ.get("RANK", "0")) == 0:
+        if resume is None:
+            set_aside_checkpoints(out)
         try:  # replaced in one step: other processes of a launch read it in check_run_folder
             tmp = out / f".train_config.json.tmp-{os.getpid()}"
             tmp.write_text(json.dumps(cfg, indent=1))
@@ -516,6 +518,27 @@ def resolve_resume(cfg: dict[str, Any], out: Path) -> str | None:
         raise ActionftError(f"resume_from_checkpoint {path} is not a complete checkpoint (no trainer_state.json); "
                             f"point it at a checkpoint-N folder or use latest")
     return str(path)
+
+
+def set_aside_checkpoints(out: Path) -> Path | None:
+    """A fresh start in a run folder that holds checkpoints (an earlier attempt at this configuration): move them
+    into `checkpoints/previous-N/`, where neither `latest` nor the Trainer's rotation sees them, so a later resume
+    only ever continues this attempt. Nothing is deleted. Returns the folder they went to (None: there were none)."""
+    folder = out / "checkpoints"
+    old = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
+    if not old:
+        return None
+    taken = [int(p.name.split("-")[-1]) for p in folder.glob("previous-*") if p.name.split("-")[-1].isdigit()]
+    dest = folder / f"previous-{max(taken, default=0) + 1}"
+    try:
+        dest.mkdir()
+        for p in old:
+            os.rename(p, dest / p.name)
+    except OSError as err:
+        raise os_error(err, "cannot set the earlier checkpoints aside in") from None
+    print(f"this run starts over: the {len(old)} checkpoint(s) of the earlier attempt are kept in {dest} (delete "
+          f"them to free the space; set resume_from_checkpoint=latest to continue a run instead)")
+    return dest
 
 
 def _finished(checkpoint: str) -> dict[str, Any] | None:
