@@ -524,8 +524,10 @@ def _claim_output(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> N
     frames_dir = out_dir / "frames"
     clip_folders = [p for p in frames_dir.iterdir() if not p.name.startswith(".")] if frames_dir.is_dir() else []
     foreign_clips = [p for p in clip_folders if not _is_own_clip_folder(p)]
+    ours = {"frames", DATA_JSON, METADATA_CSV, FAILURES_CSV}
     own = (out_dir / MARKER).is_file() or (
-        set(entries) <= {"frames", DATA_JSON, METADATA_CSV, FAILURES_CSV} and frames_dir.is_dir() and not foreign_clips
+        all(e in ours or any(e.startswith(f".{name}.tmp-") for name in ours) for e in entries)
+        and frames_dir.is_dir() and not foreign_clips
     )
     if entries and not own and not overwrite:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
