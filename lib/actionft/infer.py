@@ -45,10 +45,10 @@ def check_adapter(model_id: str, adapter_dir: str | Path) -> str:
     trained_on = base_cfg.get("base_model_name_or_path") or "?"
     try:
         config = AutoConfig.from_pretrained(resolve_model_id(model_id))
-    except OSError:
-        return "adapter"  # the model load names the missing weights
-    with torch.device("meta"):
-        skeleton = Gemma4ForConditionalGeneration(config)
+        with torch.device("meta"):
+            skeleton = Gemma4ForConditionalGeneration(config)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "adapter"  # no config to compare with: loading the model names the problem
     modules = dict(skeleton.named_modules())
     fix = f"use it with the base it was trained on ({trained_on}), e.g. --model-id / model_id"
     for key, shape in shapes.items():
