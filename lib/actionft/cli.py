@@ -51,11 +51,9 @@ def build_parser(command: str | None = None, lazy: bool = False) -> argparse.Arg
             continue
         if not lazy or owners.get(command) == module:
             importlib.import_module(module).add_parser(sub)
-        else:
-            sub.add_parser(name, help=HELP.get(name))
-    for name in owners:
-        if name not in sub.choices:
-            sub.add_parser(name, help=HELP.get(name))
+        else:  # the module's commands in the order it adds them
+            for other in [name, *(k for k, v in EXTRA_COMMANDS.items() if v == module)]:
+                sub.add_parser(other, help=HELP.get(other))
     return parser
 
 
