@@ -395,6 +395,31 @@ def test_a_fresh_start_sets_earlier_checkpoints_aside(train_params, tmp_path, no
         latest_checkpoint(run / "checkpoints")
 
 
+def test_resume_refuses_a_dataset_that_changed(train_params, tmp_path, no_model):
+    """Same settings, same paths, other contents (the dataset was prepared again): `latest` is refused before the
+    model loads; the run's record of its data is kept."""
+    from actionft.errors import ActionftError
+    from actionft.train import RUN_DATA, _data_fingerprint, prepare, resolve_config
+
+    data = tmp_path / "data.json"
+    data.write_bytes(Path(train_params["data_path"]).read_bytes())
+    params = {**train_params, "run_name": "moved", "output_root": str(tmp_path), "data_path": str(data)}
+    run = tmp_path / "moved"
+    (run / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
+    (run / "train_config.json").write_text(json.dumps(resolve_config(params)))
+    (run / RUN_DATA).write_text(json.dumps(_data_fingerprint(resolve_config(params))))
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[1:] + records[:1]))  # the same samples, another order: another run
+    before = (run / RUN_DATA).read_text()
+    with pytest.raises(ActionftError, match="changed since the run started"):
+        prepare({**params, "resume_from_checkpoint": "latest"}, progress=False)
+    assert (run / RUN_DATA).read_text() == before
+    data.write_bytes(Path(train_params["data_path"]).read_bytes())  # back as it was: the resume goes on
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        prepare({**params, "resume_from_checkpoint": "latest"}, progress=False)
+
+
 @pytest.mark.slow
 def test_finished_run_resumed_adds_no_step_and_disk_full_is_one_line(train_params, tmp_path, monkeypatch):
     """A 2-step run (checkpoint every step) on the tiny model, in this process without DeepSpeed; then `latest` on

@@ -482,6 +482,7 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
     splits = load_splits(cfg, progress=progress)
     if not splits["train"]:
         raise ActionftError("the training split is empty; check the split fractions and the metadata")
+    check_run_data(cfg, out, resume)
     processor = load_processor(cfg["model_id"])
     model = build_model(cfg, model)
     collator = Collator(
@@ -495,6 +496,44 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
     )
     info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor, "resume": resume}
     return trainer, info
+
+
+RUN_DATA = "run_data.json"  # fingerprints of the dataset files a run started on
+
+
+def _data_fingerprint(cfg: dict[str, Any]) -> dict[str, str | None]:
+    import hashlib
+
+    from actionft.modeling import resolve_path
+
+    out = {}
+    for key in ("data_path", "metadata_path"):
+        path = resolve_path(cfg.get(key))
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+    return out
+
+
+def check_run_data(cfg: dict[str, Any], out: Path, resume: str | None) -> None:
+    """A resumed run must see the data it started on: the same paths with other contents (a dataset prepared again,
+    say) are refused; a fresh start records the fingerprints (sha256) in run_data.json."""
+    recorded = out / RUN_DATA
+    now = _data_fingerprint(cfg)
+    if resume is not None and recorded.is_file():
+        try:
+            then = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            then = {}
+        changed = [k for k, v in now.items() if then.get(k) not in (None, v)]
+        if changed:
+            files = ", ".join(str(cfg[k]) for k in changed)
+            raise ActionftError(
+                f"cannot resume {out}: {files} changed since the run started; resume with the data it started on, "
+                f"or start over (leave resume_from_checkpoint unset) or use another run_name")
+    if int(os.environ.get("RANK", "0")) == 0 and (resume is None or not recorded.is_file()):
+        try:
+            recorded.write_text(json.dumps(now, indent=1))
+        except OSError as err:
+            raise os_error(err, "cannot write") from None
 
 
 def resolve_resume(cfg: dict[str, Any], out: Path) -> str | None:
