@@ -55,13 +55,14 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     params: dict[str, Any] = {}
     if path is not None:
+        from actionft.data import read_text_file
+
         path = Path(path)
         if path.resolve() in _seen:
             raise ActionftError(f"params file {path} extends itself (through {', '.join(map(str, _seen))})")
-        if not path.is_file():
-            raise ActionftError(f"params file {path} does not exist; see params/ for the shipped ones")
+        text = read_text_file(path, "params file", "see params/ for the shipped ones")
         try:
-            loaded = _load_yaml(path.read_text()) or {}
+            loaded = _load_yaml(text) or {}
         except yaml.YAMLError as err:
             raise ActionftError(f"params file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from actionft import config
-from actionft.errors import ActionftError
+from actionft.errors import ActionftError, ResourceError, os_error, writable_folder
 
 # Every parameter's type, range and default: actionft.config (one section per concern). Defaults = the reference
 # run (seed_run.md), except paths and the model, which the params files set.
@@ -88,6 +88,49 @@ def tensorboard_callbacks(cfg: dict[str, Any], out: Path) -> list:
     callback = TensorBoardCallback()
     callback.logging_dir = str(out / "tensorboard")
     return [callback]
+
+
+# Settings that may change between a run and its resumption: they do not change what the run computes.
+RUN_FREE_KEYS = frozenset({
+    "resume_from_checkpoint", "num_processes", "dataloader_num_workers", "logging_steps", "per_device_eval_batch_size",
+    "eval_steps", "save_strategy", "save_steps", "save_total_limit", "max_eval_samples", "output_root", "report_to",
+})
+_PATH_KEYS = ("data_path", "image_folder", "metadata_path", "deepspeed")
+
+
+def _run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make a run what it is, paths resolved and JSON-normalised (tuples -> lists)."""
+    from actionft.modeling import resolve_path
+
+    out = {k: v for k, v in cfg.items() if k not in RUN_FREE_KEYS}
+    for key in _PATH_KEYS:
+        if out.get(key):
+            out[key] = str(resolve_path(out[key]))
+    return json.loads(json.dumps(out, default=str))
+
+
+def check_run_folder(cfg: dict[str, Any], out: Path) -> None:
+    """Bind a run folder to its configuration: refuse a run whose settings differ from those recorded in
+    `train_config.json` (a different run would mix its checkpoints, adapter and log with the old one's)."""
+    recorded = out / "train_config.json"
+    if not recorded.is_file():
+        return
+    try:
+        old = json.loads(recorded.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as err:
+        raise ActionftError(f"{recorded} cannot be read ({err}); this run folder is damaged: set another run_name "
+                            f"or delete {out} to start over") from None
+    old_id, new_id = _run_identity(old), _run_identity(cfg)
+    changed = [k for k in new_id if k in old_id and old_id[k] != new_id[k]]
+    if changed:
+        shown = ", ".join(f"{k} {old_id[k]!r} -> {new_id[k]!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ActionftError(
+            f"run folder {out} holds a run with other settings ({shown}{more}); a run folder belongs to one "
+            f"configuration: set another run_name (e.g. --set run_name=...) or delete {out} to start over"
+        )
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:
@@ -402,13 +445,24 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
 
     cfg = resolve_config(params)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything a user can get wrong is checked before the model loads.
+    check_run_folder(cfg, out)
+    writable_folder(out, "run folder")
+    resume = resolve_resume(cfg, out)
     if int(os.environ.get("RANK", "0")) == 0:
-        (out / "train_config.json").write_text(json.dumps(cfg, indent=1))
+        if resume is None:
+            set_aside_checkpoints(out)
+        try:  # replaced in one step: other processes of a launch read it in check_run_folder
+            tmp = out / f".train_config.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(cfg, indent=1))
+            os.replace(tmp, out / "train_config.json")
+        except OSError as err:
+            raise os_error(err, "cannot write the run's configuration") from None
     set_seed(cfg["seed"])
     splits = load_splits(cfg, progress=progress)
     if not splits["train"]:
         raise ActionftError("the training split is empty; check the split fractions and the metadata")
+    check_run_data(cfg, out, resume)
     processor = load_processor(cfg["model_id"])
     model = build_model(cfg, model)
     collator = Collator(
@@ -421,8 +475,100 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
         eval_dataset=SampleDataset(splits["val"]) if splits["val"] else None, cfg=cfg,
         callbacks=tensorboard_callbacks(cfg, out),
     )
-    info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor}
+    info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor, "resume": resume}
     return trainer, info
+
+
+RUN_DATA = "run_data.json"  # fingerprints of the dataset files a run started on
+
+
+def _data_fingerprint(cfg: dict[str, Any]) -> dict[str, str | None]:
+    import hashlib
+
+    from actionft.modeling import resolve_path
+
+    out = {}
+    for key in ("data_path", "metadata_path"):
+        path = resolve_path(cfg.get(key))
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+    return out
+
+
+def check_run_data(cfg: dict[str, Any], out: Path, resume: str | None) -> None:
+    """A resumed run must see the data it started on: the same paths with other contents (a dataset prepared again,
+    say) are refused; a fresh start records the fingerprints (sha256) in run_data.json."""
+    recorded = out / RUN_DATA
+    now = _data_fingerprint(cfg)
+    if resume is not None and recorded.is_file():
+        try:
+            then = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            then = {}
+        changed = [k for k, v in now.items() if then.get(k) not in (None, v)]
+        if changed:
+            files = ", ".join(str(cfg[k]) for k in changed)
+            raise ActionftError(
+                f"cannot resume {out}: {files} changed since the run started; resume with the data it started on, "
+                f"or start over (leave resume_from_checkpoint unset) or use another run_name")
+    if int(os.environ.get("RANK", "0")) == 0 and (resume is None or not recorded.is_file()):
+        try:
+            recorded.write_text(json.dumps(now, indent=1))
+        except OSError as err:
+            raise os_error(err, "cannot write") from None
+
+
+def resolve_resume(cfg: dict[str, Any], out: Path) -> str | None:
+    """The checkpoint folder to resume from (None: a fresh start); raises before any model loads when it is missing.
+
+    `latest` (or true) is the newest complete checkpoint in this run folder, which `check_run_folder` has bound to
+    this configuration; a path must be a checkpoint folder (with trainer_state.json).
+    """
+    from actionft.modeling import resolve_path
+
+    resume = cfg["resume_from_checkpoint"]
+    if resume in (None, False, "", "false", "none", "null"):
+        return None
+    if resume in (True, "true", "latest"):
+        return latest_checkpoint(out / "checkpoints")
+    path = resolve_path(str(resume))
+    if not path.is_dir():
+        raise ActionftError(f"resume_from_checkpoint {resume}: no such folder; point it at a checkpoint-N folder of "
+                            f"this run, use latest, or leave it unset to start over")
+    if not (path / "trainer_state.json").is_file():
+        raise ActionftError(f"resume_from_checkpoint {path} is not a complete checkpoint (no trainer_state.json); "
+                            f"point it at a checkpoint-N folder or use latest")
+    return str(path)
+
+
+def set_aside_checkpoints(out: Path) -> Path | None:
+    """A fresh start in a run folder that holds checkpoints (an earlier attempt at this configuration): move them
+    into `checkpoints/previous-N/`, where neither `latest` nor the Trainer's rotation sees them, so a later resume
+    only ever continues this attempt. Nothing is deleted. Returns the folder they went to (None: there were none)."""
+    folder = out / "checkpoints"
+    old = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
+    if not old:
+        return None
+    taken = [int(p.name.split("-")[-1]) for p in folder.glob("previous-*") if p.name.split("-")[-1].isdigit()]
+    dest = folder / f"previous-{max(taken, default=0) + 1}"
+    try:
+        dest.mkdir()
+        for p in old:
+            os.rename(p, dest / p.name)
+    except OSError as err:
+        raise os_error(err, "cannot set the earlier checkpoints aside in") from None
+    print(f"this run starts over: the {len(old)} checkpoint(s) of the earlier attempt are kept in {dest} (delete "
+          f"them to free the space; set resume_from_checkpoint=latest to continue a run instead)")
+    return dest
+
+
+def _finished(checkpoint: str) -> dict[str, Any] | None:
+    """The checkpoint's trainer state when it is the last step of its run (resuming it would train on), else None."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    max_steps = state.get("max_steps") or 0
+    return state if max_steps > 0 and state.get("global_step", 0) >= max_steps else None
 
 
 def latest_checkpoint(folder: Path) -> str:
@@ -456,14 +602,20 @@ def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
     from actionft.modeling import resolve_path
 
     cfg, out = info["cfg"], info["run_dir"]
-    resume = cfg["resume_from_checkpoint"]
-    if resume in (True, "true", "latest"):
-        resume = latest_checkpoint(Path(trainer.args.output_dir))
-    elif resume:
-        resume = str(resolve_path(resume))
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    resume = info["resume"] if "resume" in info else resolve_resume(cfg, out)
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
+    finished = _finished(resume) if resume else None
+    if finished is not None:
+        # The run already took its last step: resuming must not add one. Its adapter is the checkpoint's.
+        return _finished_summary(trainer, info, resume, finished)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume or None)
+        trainer.save_model(str(adapter_dir))
+    except Exception as err:
+        full = _disk_full(err, out)
+        if full is None:
+            raise
+        raise full from None
     summary = {
         "run_dir": str(out),
         "adapter_dir": str(adapter_dir),
@@ -482,6 +634,65 @@ def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
         trainer.state.save_to_json(str(out / "trainer_state.json"))
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _finished_summary(trainer, info: dict[str, Any], checkpoint: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A finished run resumed: no step is taken; the adapter comes from its last checkpoint when it is missing."""
+    import shutil
+
+    cfg, out = info["cfg"], info["run_dir"]
+    adapter_dir = out / "adapter"
+    print(f"{checkpoint} is the last step of this run ({state['global_step']} of {state['max_steps']}); "
+          f"nothing to train, its adapter is in {adapter_dir}")
+    summary_file = out / "train_summary.json"
+    if trainer.is_world_process_zero():
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            adapter_dir.mkdir(parents=True, exist_ok=True)
+            for f in Path(checkpoint).iterdir():
+                if f.name.startswith("adapter_") and f.is_file():
+                    shutil.copy2(f, adapter_dir / f.name)
+            info["processor"].save_pretrained(str(adapter_dir))
+        if not (out / "trainer_state.json").is_file():
+            shutil.copy2(Path(checkpoint) / "trainer_state.json", out / "trainer_state.json")
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+    else:
+        summary = {"run_dir": str(out), "adapter_dir": str(adapter_dir), "train_samples": len(info["splits"]["train"]),
+                   "val_samples": len(info["splits"]["val"]),
+                   "effective_batch": effective_batch(cfg, trainer.args.world_size)}
+    summary["global_step"] = state["global_step"]
+    if trainer.is_world_process_zero() and not summary_file.is_file():
+        summary_file.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _disk_full(err: BaseException, out: Path) -> ActionftError | None:
+    """A one-line error when training stopped on a full disk (an OSError, or torch's and safetensors' own wording
+    of it), else None."""
+    import errno
+
+    full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if isinstance(err, OSError) and err.errno is not None:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return os_error(err, "training stopped: cannot write")
+        if err.errno not in full:
+            return None
+    text = str(err).lower()
+    if (isinstance(err, OSError) and err.errno in full) or "no space left" in text or (
+            "write" in text and "fail" in text and _free_bytes(out) < 64 * 2**20):
+        return ResourceError(
+            f"training stopped: no space left on the device holding {out}; free some space and run again with "
+            f"resume_from_checkpoint=latest (a checkpoint cut short is skipped)")
+    return None
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def train(params: dict[str, Any], model=None, progress: bool = True) -> dict[str, Any]:
