@@ -153,14 +153,23 @@ def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str
     """Evaluate base and base + adapter on `split`; write metrics.json and per_sample.json (and, with labels,
     per_class.json, confusions.json and confusion.png); return metrics."""
     from actionft import train
-    from actionft.infer import load_for_inference
+    from actionft.errors import writable_folder
+    from actionft.infer import check_adapter, load_for_inference
 
     cfg = train.resolve_config(params)
+    # Everything that can be checked is checked before the first model loads: nothing is lost at the end.
+    if split not in ("train", "val", "test"):
+        raise ActionftError(f"unknown split {split!r}; use test, val or train")
+    writable_folder(out_dir)
+    check_adapter(cfg["model_id"], adapter_dir)
     splits = train.load_splits(cfg, progress=progress)
     samples = splits[split]
     if not samples:
         raise ActionftError(f"the {split} split is empty; set test_fraction (or the metadata split column)")
     labels = label_set_for({**cfg, **params}, [s for part in splits.values() for s in part])
+    if labels is not None:  # every held-out label is a class, and every class's answer fills in for every clip
+        labels.check_covers(samples)
+        label_candidates(unique_clips(samples), labels)
     eval_kwargs = dict(labels=labels, max_soft_tokens=cfg["max_soft_tokens"],
                        batch_size=cfg["per_device_eval_batch_size"], progress=progress)
     results, per_sample = {}, {}
