@@ -110,6 +110,32 @@ def test_metrics_and_plot_at_700_classes():
     plt.close("all")
 
 
+def test_evaluate_checks_the_label_set_before_loading_a_model(tmp_path, synth_dataset, monkeypatch):
+    """A missing file, a set without the clips' labels, an answer naming an absent column: one line, no model."""
+    from actionft import infer, train
+    from actionft.evaluate import run_evaluation
+
+    params = {"model_id": "tiny", "data_path": str(synth_dataset / "data.json"), "image_folder": str(synth_dataset),
+              "metadata_path": str(synth_dataset / "metadata.csv"), "max_soft_tokens": 70, "bf16": False,
+              "lora_r": 4}
+    train.build_model(train.resolve_config(params)).save_pretrained(tmp_path / "adapter")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the label set was checked")
+
+    monkeypatch.setattr(infer, "load_for_inference", no_model)
+    odd = tmp_path / "odd.csv"
+    odd.write_text("label,answer\n" + "".join(f"{c},The {{size}} {c}.\n" for c in read_label_set(
+        synth_dataset / "labels.csv").classes))
+    for label_set, words in ((tmp_path / "missing.txt", "does not exist"),
+                             (KINETICS[400], "has label 'grow', which is not in label set"),
+                             (odd, "names the metadata column 'size'")):
+        with pytest.raises(ActionftError, match=words) as err:
+            run_evaluation({**params, "label_set": str(label_set)}, tmp_path / "adapter", tmp_path / "out",
+                           progress=False)
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_evaluate_400_labels_end_to_end(tmp_path, synth_dataset):
     """`run_evaluation` over the 9 demo classes + 391 Kinetics-400 names: metrics.json, per-class, confusions, plot.
