@@ -126,9 +126,12 @@ def closed_set_report(rows: dict[str, list[dict]], labels, out_dir: str | Path |
         (out_dir / "confusions.json").write_text(json.dumps(report["confusions"], indent=1))
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(named), figsize=(7 * len(named), 6.5), squeeze=False)
-        for ax, (name, r) in zip(axes[0], named.items()):
-            cm = metrics.confusion_matrix([x["label"] for x in r], [x["predicted"] for x in r], labels.classes)
+        cms = {name: metrics.confusion_matrix([x["label"] for x in r], [x["predicted"] for x in r], labels.classes)
+               for name, r in named.items()}
+        shown = max(len(metrics.confusion_subset(cm, labels.classes)[1]) for cm in cms.values())
+        side = min(4 + 0.45 * shown, 16)
+        fig, axes = plt.subplots(1, len(named), figsize=(side * len(named), side), squeeze=False)
+        for ax, (name, cm) in zip(axes[0], cms.items()):
             metrics.plot_confusion(cm, labels.classes, ax=ax)
             ax.set_title(f"{name}: {ax.get_title()}", fontsize=9)
         fig.tight_layout()

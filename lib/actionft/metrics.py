@@ -462,15 +462,18 @@ def top_confusions(y_true: list[str], y_pred: list[str], n: int = 20) -> list[di
 
 
 def confusion_subset(cm, classes, max_classes: int = 30):
-    """(sub-matrix, class names, kept indices) of the ``max_classes`` classes with the most errors (as true or as
-    predicted class; ties by order), in their original order. All classes when there are no more than that."""
+    """(sub-matrix, class names, kept indices): all classes when there are at most ``max_classes``; otherwise, of
+    the classes that occur (as true or predicted class), the ``max_classes`` with the most errors (then the most
+    samples, then by order), kept in their original order."""
     cm = np.asarray(cm)
     k = len(classes)
     if k <= max_classes:
         return cm, list(classes), list(range(k))
     off = cm - np.diag(np.diag(cm))
     errors = off.sum(axis=0) + off.sum(axis=1)
-    keep = sorted(sorted(range(k), key=lambda i: (-errors[i], i))[:max_classes])
+    seen = cm.sum(axis=0) + cm.sum(axis=1)
+    present = [i for i in range(k) if seen[i] > 0]
+    keep = sorted(sorted(present, key=lambda i: (-errors[i], -seen[i], i))[:max_classes])
     return cm[np.ix_(keep, keep)], [classes[i] for i in keep], keep
 
 
@@ -482,8 +485,8 @@ def plot_confusion(cm, classes, ax=None, normalize: bool = True, annotate: bool 
     samples stay 0) and cells are annotated with two decimals; otherwise raw
     counts are shown. ``annotate=None`` annotates when there are at most 40
     classes (text is unreadable beyond that); pass True/False to force.
-    With more than ``max_classes`` classes only the ``max_classes`` with the most errors are drawn (rows still
-    normalised by each class's full total; the title says how many of how many).
+    With more than ``max_classes`` classes only classes that occur are drawn, at most ``max_classes`` of them, those
+    with the most errors (rows still normalised by each class's full total; the title says how many of how many).
     A new figure is created when ``ax`` is None.
     """
     import matplotlib.pyplot as plt
@@ -513,7 +516,7 @@ def plot_confusion(cm, classes, ax=None, normalize: bool = True, annotate: bool 
     ax.set_yticklabels(classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    subset = f", the {k} of {k_all} classes with most errors" if k < k_all else ""
+    subset = f"\n{k} of {k_all} classes: those that occur, most errors first" if k < k_all else ""
     ax.set_title("confusion matrix" + (" (row-normalised)" if normalize else "") + subset)
     if annotate is None:
         annotate = k <= 40
