@@ -32,7 +32,8 @@ respect to activations only (one matmul per frozen linear instead of two), so pe
   frozen text linears      2*MACs forward + 2*MACs backward (dX only)            = 4 * MACs
   LoRA adapters (r=16)     2*r*(in+out) forward, 2x that backward (dX, dA, dB)   = 6 * r*(in+out)
   attention scores         4*heads*head_dim per (query, key) pair forward, 2x backward = 12 * heads*head_dim * pairs
-                           pairs: causal (sliding layers: at most `sliding_window` keys), + bidirectional image blocks
+                           pairs: causal (sliding layers: at most `sliding_window` keys); image blocks both ways
+                           only where `use_bidirectional_attention` is "vision" (not in the published E4B)
   LM head (tied, frozen)   4 * hidden * vocab per position that gets logits
   K/V-shared layers        (the last 18 of E4B) run only on the kept positions when logits are supervised-only
   per-layer-input projection, vision tower (valid patches), vision->text projection: forward only (frozen, no grad)
@@ -68,7 +69,7 @@ NUM_FRAMES = 4
 FRAME_SIZE = 336
 MAX_SOFT_TOKENS = 280
 E4B_PROMPT_TOKENS = 1051  # gemma4.md: four square frames + the Kinetics prompt at 280 soft tokens per frame
-E4B_END_OF_TURN_ID = 106  # placeholder id for `<turn|>` in the synthetic E4B inputs (any ordinary id does)
+E4B_END_OF_TURN_ID = 106  # `<turn|>` in the published tokenizer (the second eos id of the published config)
 ZERO2 = "params/deepspeed/zero2.json"
 
 # Dense bf16 peak (TFLOP/s) by device name, for MFU; override with --peak-tflops.
@@ -109,38 +110,30 @@ CONFIGURATIONS: dict[str, list[tuple[str, dict]]] = {
 
 # -- E4B architecture -----------------------------------------------------------------------------------------
 def e4b_config():
-    """`Gemma4Config` of google/gemma-4-e4b-it from its published numbers (gemma4.md); audio tower left out."""
-    from transformers import Gemma4Config
+    """`Gemma4Config` of google/gemma-4-e4b-it as published (`actionft.e4b`): text, vision and audio towers with the
+    release's flags (causal attention over images, clipped linears). One source of truth with the smoke run."""
+    from actionft.e4b import e4b_config as published
 
-    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 7
-    text = {
-        "vocab_size": 262144, "vocab_size_per_layer_input": 262144, "hidden_size": 2560,
-        "intermediate_size": 10240, "num_hidden_layers": 42, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "head_dim": 256, "global_head_dim": 512, "layer_types": layer_types, "sliding_window": 512,
-        "num_kv_shared_layers": 18, "hidden_size_per_layer_input": 256, "final_logit_softcapping": 30.0,
-        "tie_word_embeddings": True, "use_bidirectional_attention": "vision", "pad_token_id": 0,
-        "bos_token_id": 2, "eos_token_id": [1, E4B_END_OF_TURN_ID],
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
-        },
-    }
-    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 16, "num_attention_heads": 12,
-              "num_key_value_heads": 12, "head_dim": 64, "patch_size": 16, "pooling_kernel_size": 3}
-    return Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=None, boi_token_id=255999, eoi_token_id=258882,
-        image_token_id=258880, video_token_id=258884, boa_token_id=256000, eoa_token_index=258883,
-        audio_token_id=258881, tie_word_embeddings=True,
-    )
+    return published()
 
 
-def build_e4b(device: str | torch.device, dtype=torch.bfloat16, attn_implementation: str = "sdpa"):
-    """Gemma4ForConditionalGeneration with E4B's shapes and random weights, built directly on `device`."""
+def attn_per_submodel(value: str | dict | None = "sdpa", has_audio: bool = True):
+    """Per sub-model, as the project loads real checkpoints: text and vision `value`, the audio tower eager (it has
+    no SDPA path)."""
+    from actionft.modeling import attn_implementation_for
+
+    return attn_implementation_for(value, has_audio)
+
+
+def build_e4b(device: str | torch.device, dtype=torch.bfloat16, attn_implementation: str | dict | None = "sdpa"):
+    """Gemma4ForConditionalGeneration with E4B's published structure and random weights, built directly on `device`."""
     from transformers import Gemma4ForConditionalGeneration
 
+    config = e4b_config()
     with torch.device(device):
         return Gemma4ForConditionalGeneration._from_config(
-            e4b_config(), dtype=dtype, attn_implementation=attn_implementation
+            config, dtype=dtype,
+            attn_implementation=attn_per_submodel(attn_implementation, config.audio_config is not None),
         )
 
 
@@ -263,6 +256,7 @@ class FlopModel:
     vision_pair_flops: int  # per (patch, patch) pair, all encoder layers: 4 * hidden * layers
     embed_vision_macs: int  # per soft token
     lora_r: int = 16
+    bidirectional_images: bool = False  # use_bidirectional_attention "vision" (larger Gemma 4); E4B: causal
 
     @classmethod
     def from_model(cls, model, lora_r: int = 16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -299,6 +293,7 @@ class FlopModel:
             embed_vision_macs=inner.embed_vision.embedding_projection.in_features
             * inner.embed_vision.embedding_projection.out_features,
             lora_r=lora_r,
+            bidirectional_images=getattr(lm.config, "use_bidirectional_attention", None) == "vision",
         )
 
     @staticmethod
@@ -319,11 +314,11 @@ class FlopModel:
     def sample(self, length: int, kept: int, image_blocks: list[int], valid_patches: list[int],
                kept_shared: int | None = None) -> dict:
         """FLOPs of one sample of `length` real tokens whose last `kept` positions get logits and whose last
-        `kept_shared` (default: `kept`) go through the K/V-shared layers. image_blocks: lengths of the bidirectional
-        soft-token runs; valid_patches: valid patches per frame."""
+        `kept_shared` (default: `kept`) go through the K/V-shared layers. image_blocks: lengths of the soft-token runs
+        (attended both ways only with `bidirectional_images`); valid_patches: valid patches per frame."""
         kept = max(0, min(kept, length))
         kept_shared = kept if kept_shared is None else max(0, min(kept_shared, length))
-        bidir = sum(n * (n - 1) // 2 for n in image_blocks)
+        bidir = sum(n * (n - 1) // 2 for n in image_blocks) if self.bidirectional_images else 0
         parts = {"text_linear": 0, "lora": 0, "attention": 0}
         for layer in self.layers:
             tokens = kept_shared if layer.shared else length
