@@ -64,12 +64,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 
 # 2. what is on this machine, before anything can fail
 "$PY" - "$OUT/environment.json" "$BUNDLE/manifest.json" <<'EOF'
-import importlib.util, json, sys
+import datetime, importlib.util, json, sys
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("bench_train", "bench/bench_train.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-env = bench.environment()
+env = {"recorded_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+       **bench.environment()}
 env["optional"] = {name: bench.importable(name) or "ok" for name in bench.OPTIONAL}
 manifest = Path(sys.argv[2])
 env["bundle"] = json.loads(manifest.read_text()) if manifest.is_file() else None
