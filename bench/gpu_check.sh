@@ -24,9 +24,11 @@ BUNDLE=${GPU_BUNDLE:-.gpu-bundle}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu_check.log"
-: > "$LOG"
-exec > >(tee -a "$LOG") 2>&1
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
 started=$(date +%s)
+
+main() {
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
@@ -36,12 +38,10 @@ if [ -z "$PY" ]; then
         fi
     done
 fi
-if [ -z "$PY" ]; then echo "gpu_check: no Python with torch found; set PYTHON=/path/to/python"; exit 1; fi
+if [ -z "$PY" ]; then echo "gpu_check: no Python with torch found; set PYTHON=/path/to/python"; return 1; fi
 echo "gpu_check: $(date -u +%FT%TZ), $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])')), mode $MODE, budget ${BUDGET} s"
 
 # 1. the bundle, into a temporary site folder that goes first on the path (the machine's own packages stay untouched)
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
 SITE="$TMP/site"
 mkdir -p "$SITE"
 shopt -s nullglob
@@ -52,7 +52,7 @@ elif ! "$PY" -m pip install --quiet --no-deps --no-index --no-compile --disable-
         --target "$SITE" "${wheels[@]}"; then
     # no pip on the machine: a wheel is a zip of the installed files
     echo "gpu_check: pip failed; unpacking the wheels into $SITE instead"
-    "$PY" - "$SITE" "${wheels[@]}" <<'EOF' || exit 1
+    "$PY" - "$SITE" "${wheels[@]}" <<'EOF' || return 1
 import sys, zipfile
 for wheel in sys.argv[2:]:
     zipfile.ZipFile(wheel).extractall(sys.argv[1])
@@ -104,4 +104,8 @@ lines.append(table.read_text() if table.is_file() else "(no variant finished)")
 table.unlink(missing_ok=True)
 EOF
 echo "gpu_check: done in $(( $(date +%s) - started )) s (exit $rc); files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
-exit $rc
+return $rc
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
