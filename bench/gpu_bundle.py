@@ -5,8 +5,10 @@ and tokenizers, and no DeepSpeed, bitsandbytes or PyAV; it is offline and cannot
 is the working tree plus a few ignored paths, 64 MiB in all. This script fetches, for CPython 3.12 on manylinux
 x86_64, exactly the wheels whose versions the project pins and the machine's own may not match:
 
-  transformers, peft, accelerate, tokenizers, safetensors (pyproject.toml pins), huggingface-hub (the version these
-  were tested with: transformers 5.23 needs >= 1.31, older transformers releases pin < 2.0)
+  transformers, peft, accelerate, tokenizers, safetensors (pyproject.toml pins), and huggingface-hub 1.33.0 (the
+  pinned transformers needs >= 1.31; the machine's older transformers holds a 1.x hub, which may be older than that.
+  1.33 is the last 1.x: it talks HTTP through httpx like the machine's own, where 2.x needs httpx2, a package the
+  machine does not have)
 
 and then bitsandbytes (for the 8-bit optimizer) only if the total stays under the limit. torch stays the machine's
 own (GBs, built for its CUDA); numpy, pillow, pyyaml, regex, tqdm, typer come with the machine's transformers and
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON_VERSION = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux2014_x86_64")
 REQUIRED = ("transformers", "peft", "accelerate", "tokenizers", "safetensors")
-HUB = "huggingface-hub==2.4.0"  # not pinned in pyproject.toml: the release the pinned transformers was tested with
+HUB = "huggingface-hub==1.33.0"  # not pinned in pyproject.toml; see the module docstring
 OPTIONAL = ("bitsandbytes",)  # carried only when the total stays under the limit
 MIB = 2**20
 
@@ -54,15 +56,18 @@ def tree_bytes() -> int:
 
 
 def download(requirements: list[str], dest: Path) -> list[Path]:
-    """pip download of exactly these wheels (no dependencies) for CPython 3.12 manylinux x86_64."""
-    before = set(dest.glob("*.whl"))
+    """pip download of exactly these `name==version` wheels (no dependencies) for CPython 3.12 manylinux x86_64."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
            "--python-version", PYTHON_VERSION, "--dest", str(dest), "--quiet", "--disable-pip-version-check"]
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
     subprocess.run(cmd + requirements, check=True)
-    names = {re.split(r"[=<>]", r)[0].lower().replace("-", "_") for r in requirements}
-    return sorted(w for w in set(dest.glob("*.whl")) | before if w.name.split("-")[0].lower() in names)
+    files = []
+    for requirement in requirements:
+        name, version = requirement.split("==")
+        prefix = f"{name.lower().replace('-', '_')}-{version}-"
+        files += [w for w in dest.glob("*.whl") if w.name.lower().startswith(prefix)]
+    return sorted(files)
 
 
 def wheel_name(path: Path) -> str:
