@@ -74,7 +74,7 @@ fi
 import datetime, importlib.util, json, sys
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("bench_train", "bench/bench_train.py")
-bench = importlib.util.module_from_spec(spec)
+bench = sys.modules["bench_train"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 env = {"recorded_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
        **bench.environment()}
