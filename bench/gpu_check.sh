@@ -101,11 +101,14 @@ rc=$?
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-env = json.loads((out / "environment.json").read_text())
 table = out / "table.md"
-lines = [f"device: {env['device']}; Python {env['python']}, torch {env['packages'].get('torch')} "
-         f"(CUDA {env['torch_cuda']}), " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if k != "torch"),
-         ""]
+try:
+    env = json.loads((out / "environment.json").read_text())
+    lines = [f"device: {env['device']}; Python {env['python']}, torch {env['packages'].get('torch')} "
+             f"(CUDA {env['torch_cuda']}), " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()
+                                                         if k != "torch"), ""]
+except (OSError, ValueError, KeyError) as err:
+    lines = [f"(environment.json unreadable: {err}; each record carries its own environment)", ""]
 lines.append(table.read_text() if table.is_file() else "(no variant finished)")
 (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 table.unlink(missing_ok=True)
