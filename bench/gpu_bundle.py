@@ -8,7 +8,9 @@ x86_64, exactly the wheels whose versions the project pins and the machine's own
   transformers, peft, accelerate, tokenizers, safetensors (pyproject.toml pins), and huggingface-hub 1.33.0 (the
   pinned transformers needs >= 1.31; the machine's older transformers holds a 1.x hub, which may be older than that.
   1.33 is the last 1.x: it talks HTTP through httpx like the machine's own, where 2.x needs httpx2, a package the
-  machine does not have)
+  machine does not have), and pydantic with its own dependencies (pydantic-core, annotated-types,
+  typing-inspection, typing-extensions; the project's configuration needs it, and nothing in the machine's image
+  guarantees it)
 
 and then bitsandbytes (for the 8-bit optimizer) only if the total stays under the limit. torch stays the machine's
 own (GBs, built for its CUDA); numpy, pillow, pyyaml, regex, tqdm, typer come with the machine's transformers and
@@ -34,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 # the device's Python and platform (manylinux tags newest first, so pip takes the wheel the device would take)
 PYTHON_VERSION = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux2014_x86_64")
-REQUIRED = ("transformers", "peft", "accelerate", "tokenizers", "safetensors")
+REQUIRED = ("transformers", "peft", "accelerate", "tokenizers", "safetensors", "pydantic")
+# pydantic (the project's typed configuration) comes with the dependencies its pinned release names, exactly
+WITH_DEPENDENCIES = ("pydantic",)
 HUB = "huggingface-hub==1.33.0"  # not pinned in pyproject.toml; see the module docstring
 OPTIONAL = ("bitsandbytes",)  # carried only when the total stays under the limit
 MIB = 2**20
@@ -55,19 +59,25 @@ def tree_bytes() -> int:
     return sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
 
 
-def download(requirements: list[str], dest: Path) -> list[Path]:
-    """pip download of exactly these `name==version` wheels (no dependencies) for CPython 3.12 manylinux x86_64."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
-           "--python-version", PYTHON_VERSION, "--dest", str(dest), "--quiet", "--disable-pip-version-check"]
+def download(requirements: list[str], dest: Path, deps: bool = False) -> list[Path]:
+    """pip download of exactly these `name==version` wheels for CPython 3.12 manylinux x86_64; with `deps`, also
+    the dependencies pip resolves for them (on the same platform)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--implementation", "cp",
+           "--python-version", PYTHON_VERSION, "--dest", str(dest), "--disable-pip-version-check", "--progress-bar",
+           "off"] + ([] if deps else ["--no-deps"])
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
-    subprocess.run(cmd + requirements, check=True)
-    files = []
-    for requirement in requirements:
-        name, version = requirement.split("==")
-        prefix = f"{name.lower().replace('-', '_')}-{version}-"
-        files += [w for w in dest.glob("*.whl") if w.name.lower().startswith(prefix)]
-    return sorted(files)
+    proc = subprocess.run(cmd + requirements, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.stdout[-500:], file=sys.stderr)
+        raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout)
+    log = proc.stdout
+    # pip names every wheel it saved or found already there ("Saved ./x.whl", "File was already downloaded /x.whl")
+    names = {Path(word).name for line in log.splitlines() for word in line.split() if word.endswith(".whl")}
+    files = [dest / name for name in names if (dest / name).is_file()]
+    if not files:
+        raise subprocess.CalledProcessError(1, cmd, log)
+    return sorted(set(files))
 
 
 def wheel_name(path: Path) -> str:
@@ -88,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
 
     if not args.size_only:
-        required = [pinned[name] for name in REQUIRED] + [HUB]
+        required = [pinned[name] for name in REQUIRED if name not in WITH_DEPENDENCIES] + [HUB]
         wanted = download(required, dest)
+        wanted += download([pinned[name] for name in WITH_DEPENDENCIES], dest, deps=True)
         for name in OPTIONAL if not args.no_optional else ():
             spec = pinned.get(name, name)
             try:
