@@ -34,6 +34,8 @@ bench: $(STAMP)  ## training throughput benchmark (tiny model on CPU; the real E
 	$(BIN)/python bench/bench_train.py
 
 TINY_BASE := lib/actionft/assets/tiny-gemma4
+# The packaged base is this recipe's result converted to the published structure (a tiny audio tower added, the
+# release's flags set; text and vision weights unchanged); the recipe builds that structure from the start.
 tiny-base: $(STAMP)  ## rebuild the packaged tiny base with the commands and seeds that made it (~60 min on 2 CPU cores)
 	$(BIN)/actionft tiny-base --out $(TINY_BASE).new --steps 2000
 	$(BIN)/actionft tiny-base --init $(TINY_BASE).new --out $(TINY_BASE).new --steps 1500 --lr 1e-3 --seed 1

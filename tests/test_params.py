@@ -225,3 +225,24 @@ def test_reference_params_match_seed_run_launch_line():
             differ[key] = (params[key], raw)
     assert not differ, f"{REFERENCE.name} (left) vs the launch command (right): {differ}"
     assert "zero2.json" in params["deepspeed"]
+
+
+def test_extends_starts_from_another_file(tmp_path):
+    from actionft.params import load_params
+
+    (tmp_path / "base.yaml").write_text("run_name: base\nlora_r: 16\nsave_strategy: no\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nrun_name: child\n")
+    assert load_params(tmp_path / "child.yaml", ["lora_r=8"]) == {"run_name": "child", "lora_r": 8,
+                                                                  "save_strategy": "no"}
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ActionftError, match="extends itself"):
+        load_params(tmp_path / "loop.yaml")
+
+
+def test_qlora_params_are_the_reference_with_a_4bit_base():
+    from actionft.params import load_params
+
+    reference = load_params(ROOT / "params" / "gemma4_e4b_kinetics3k.yaml")
+    qlora = load_params(ROOT / "params" / "gemma4_e4b_qlora.yaml")
+    assert qlora.pop("load_in_4bit") is True and qlora.pop("run_name") != reference.pop("run_name")
+    assert qlora == reference

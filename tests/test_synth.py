@@ -160,3 +160,24 @@ def test_answer_templates_name_their_class():
             # the closed-set reader maps every paraphrase, for every object, back to exactly this class
             for obj in objects:
                 assert answer_class(template.format(obj=obj), list(CLASSES)) == cls.name, (cls.name, template, obj)
+
+
+def test_synth_command_honours_the_params_files_names(tmp_path, capsys):
+    """`actionft synth --params` reads the synth_* names of the params files (and refuses a misspelt one)."""
+    import csv
+
+    from actionft.cli import main
+
+    sets = ["--set", "synth_clips_per_class=3", "--set", "synth_val_per_class=1", "--set", "synth_test_per_class=1",
+            "--set", "synth_frame_size=48"]
+    assert main(["synth", "--out", str(tmp_path / "ds"), *sets]) == 0
+    with open(tmp_path / "ds" / "metadata.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 9 * 3 and sum(r["split"] == "test" for r in rows) == 9
+    from PIL import Image
+
+    first = next((tmp_path / "ds" / "frames").iterdir())
+    assert Image.open(next(first.iterdir())).size == (48, 48)
+    assert main(["synth", "--out", str(tmp_path / "typo"), "--set", "synth_clip_per_class=3"]) == 2
+    assert "did you mean synth_clips_per_class?" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()

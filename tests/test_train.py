@@ -371,6 +371,39 @@ def test_gradient_checkpointing_leaves_the_loss_unchanged(loss_runs):
 
 
 @pytest.mark.slow
+def test_runs_log_to_tensorboard_and_line_up_in_compare(loss_runs, tmp_path, capsys):
+    """Every run writes TensorBoard event files under <run>/tensorboard/ holding the losses of trainer_state.json;
+    `actionft compare` lines runs up: the settings that differ (and only those), steps, losses, and a plot."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from actionft.cli import main
+
+    a, b = loss_runs["b1x8"]["run_dir"], loss_runs["b8x1"]["run_dir"]
+    events = EventAccumulator(str(a / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx(losses(loss_runs["b1x8"]), rel=1e-6)
+
+    plot = tmp_path / "losses.png"
+    assert main(["compare", str(a), str(b), str(a / "train_config.json"), "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:3] == ["run", "gradient_accumulation_steps", "per_device_train_batch_size"], header
+    assert "learning_rate" not in header and "train_loss" in header
+    rows = {line.split("|")[1].strip(): line for line in table[2:4]}
+    assert set(rows) == {"b1x8", "b8x1"} and "| 8 | 1 |" in rows["b1x8"] and "| 1 | 8 |" in rows["b8x1"]
+    assert plot.stat().st_size > 10_000
+
+
+def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from actionft.compare import compare_runs
+    from actionft.errors import ActionftError
+
+    with pytest.raises(ActionftError, match="not a training run folder"):
+        compare_runs([tmp_path])
+
+
+@pytest.mark.slow
 def test_logged_loss_is_the_mean_cross_entropy_per_supervised_token(loss_runs, data, one_thread):
     """Before the first update LoRA is the identity (B = 0), so step 1's logged loss must equal the base model's
     cross-entropy summed over every supervised token of the 8 clips and divided by their number."""
@@ -696,7 +729,74 @@ def test_reference_params_train_the_tiny_base(data, tmp_path):
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["global_step"] == 2 and summary["effective_batch"] == 8
     assert math.isfinite(summary["train_loss"])
+    assert summary["zero_stage"] == 2 and summary["optimizer"].endswith("bitsandbytes.AdamW 8-bit paged"), summary
     weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert weights and all(".language_model.layers." in k and "lora_" in k for k in weights)
     lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
     assert len(lora_b) == 24 and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: all trained
+
+
+# -- 7. QLoRA: a 4-bit base ----------------------------------------------------------------------------------
+def test_4bit_base_quantizes_only_the_language_models_linear_layers(one_thread):
+    """NF4 with double quantization on the text layers' linears, nothing else: the towers, their projections,
+    the embeddings and the LM head keep their precision."""
+    import bitsandbytes as bnb
+
+    from actionft.modeling import NOT_QUANTIZED, load_model
+
+    full = load_model("tiny")
+    linears = {n for n, m in full.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = {n for n in linears if not any(n == p or n.startswith(p + ".") for p in NOT_QUANTIZED)}
+    assert expected and all(n.startswith("model.language_model.") for n in expected)
+    del full
+    model = load_model("tiny", load_in_4bit=True)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized == expected
+    weight = model.get_submodule(sorted(quantized)[0]).weight
+    assert weight.quant_state.quant_type == "nf4" and weight.quant_state.nested  # double quantization
+    assert all(m.weight.dtype == torch.float32 for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n not in quantized)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_lora": False}, "needs use_lora: true"),
+    ({"deepspeed": "params/deepspeed/zero3.json"}, "ZeRO-3"),
+])
+def test_4bit_base_refuses_what_it_cannot_train(change, message):
+    from actionft.errors import ActionftError
+    from actionft.train import resolve_config
+
+    with pytest.raises(ActionftError, match=message):
+        resolve_config({"synth": True, "load_in_4bit": True, **change})
+
+
+@pytest.mark.slow
+def test_qlora_run_learns_and_its_adapter_loads_on_the_full_precision_base(data, one_thread):
+    """`actionft train` on the 4-bit tiny base with ZeRO-2, paged 8-bit AdamW and gradient checkpointing: the loss
+    goes down as in the full-precision run, and the adapter loads onto the unquantized base (as users serve it)
+    and moves its answers' likelihood the same way."""
+    from actionft.infer import load_for_inference
+
+    spec = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
+            "load_in_4bit": True}
+    state = finish(data, "qlora", launch(data, "qlora", max_steps=LOSS_STEPS, **data.varied_params, **spec))
+    summary = json.loads((state["run_dir"] / "train_summary.json").read_text())
+    assert summary["zero_stage"] == 2 and summary["optimizer"].endswith("bitsandbytes.AdamW 8-bit paged"), summary
+    got = losses(state)
+    assert sorted(got) == list(range(1, LOSS_STEPS + 1)) and got[LOSS_STEPS] < got[1] - 0.05, got
+
+    adapter = state["run_dir"] / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+    model, processor = load_for_inference("tiny", adapter, device="cpu")
+    base, _ = load_for_inference("tiny", None, device="cpu")
+    assert not any("4bit" in type(m).__name__ for m in model.modules())
+    from actionft.collate import Collator
+    from actionft.data import load_dataset
+
+    samples = load_dataset(data.varied, data.synth, progress=False)[:4]
+    batch = Collator(processor, max_soft_tokens=70, num_frames=4)(samples)
+    with torch.no_grad():
+        tuned_loss = model(**batch).loss.item()
+        base_loss = base(**batch).loss.item()
+    # the adapter, trained against 4-bit weights, still lowers the loss of its training clips on the fp32 base
+    assert tuned_loss < base_loss - 0.05, (tuned_loss, base_loss)

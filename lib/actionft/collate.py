@@ -33,7 +33,7 @@ def load_frames(paths: list):
         try:
             with Image.open(p) as im:
                 images.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise ActionftError(f"cannot read frame {p}: {err}; run `actionft validate` on the dataset") from None
     return images
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import statistics
 from collections import Counter
@@ -118,15 +119,30 @@ class Report:
 def read_records(data_path: str | Path) -> list[Any]:
     """The raw JSON list of a reference-format dataset file."""
     data_path = Path(data_path)
-    if not data_path.is_file():
-        raise ActionftError(f"dataset file {data_path} does not exist")
+    text = read_text_file(data_path, "dataset file", "give the path of the dataset JSON (e.g. data.json)")
     try:
-        records = json.loads(data_path.read_text())
+        records = json.loads(text)
     except json.JSONDecodeError as err:
         raise ActionftError(f"{data_path} is not valid JSON: {err}") from None
     if not isinstance(records, list):
         raise ActionftError(f"{data_path} must hold a JSON list of {{'messages': [...]}} records")
     return records
+
+
+def read_text_file(path: Path, what: str, fix: str = "") -> str:
+    """The UTF-8 text of a file the user named, or a one-line error: missing, a folder, unreadable, not UTF-8."""
+    fix = f"; {fix}" if fix else ""
+    if path.is_dir():
+        raise ActionftError(f"{what} {path} is a folder, not a file{fix}")
+    if not path.is_file():
+        raise ActionftError(f"{what} {path} does not exist{fix}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ActionftError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+                            ) from None
+    except OSError as err:
+        raise ActionftError(f"{what} {path} cannot be read ({err.strerror or err})") from None
 
 
 def clip_id_of(media_path: str) -> str:
@@ -231,6 +247,8 @@ def check_media(sample: Sample, expected_frames: int | None, image_sizes: Counte
                 rgb = im.convert("RGB")
             if image_sizes is not None:
                 image_sizes[rgb.size] += 1
+        except Image.DecompressionBombError as err:
+            problems.append(Problem(sample.index, str(path), f"image too large to open safely ({err}); resize it"))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             problems.append(Problem(sample.index, str(path), f"cannot be read as an image ({err})"))
     if sample.video is not None:
@@ -261,10 +279,11 @@ def read_metadata(path: str | Path | None) -> dict[str, dict[str, str]]:
     if not path:
         return {}
     path = Path(path)
-    if not path.is_file():
-        raise ActionftError(f"metadata file {path} does not exist (set metadata_path: null to go without)")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
+    text = read_text_file(path, "metadata file", "set metadata_path: null to go without")
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise ActionftError(f"metadata file {path} cannot be read as CSV: {err}") from None
     if not rows or "clip_id" in rows[0]:
         return {row["clip_id"]: row for row in rows}
     if not KINETICS_COLUMNS <= set(rows[0]):

@@ -128,9 +128,15 @@ def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str
                    progress: bool = True) -> dict[str, Any]:
     """Evaluate base and base + adapter on `split`; write metrics.json and per_sample.json; return metrics."""
     from actionft import train
-    from actionft.infer import load_for_inference
+    from actionft.errors import writable_folder
+    from actionft.infer import check_adapter, load_for_inference
 
     cfg = train.resolve_config(params)
+    # Everything that can be checked is checked before the first model loads: nothing is lost at the end.
+    if split not in ("train", "val", "test"):
+        raise ActionftError(f"unknown split {split!r}; use test, val or train")
+    writable_folder(out_dir)
+    check_adapter(cfg["model_id"], adapter_dir)
     samples = train.load_splits(cfg, progress=progress)[split]
     if not samples:
         raise ActionftError(f"the {split} split is empty; set test_fraction (or the metadata split column)")

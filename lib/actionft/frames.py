@@ -257,8 +257,30 @@ def _declared_end(container, stream) -> float | None:
     return None
 
 
+def _check_index(stream, path: Path) -> None:
+    """Raise "truncated" when the container's index (e.g. an MP4 `moov` written at the start) points past the end of
+    the file: the file was cut after its index was written. Reads no packet."""
+    try:
+        entries = [(e.pos + e.size, e.timestamp) for e in stream.index_entries if e.pos >= 0]
+        size = path.stat().st_size
+    except Exception:
+        return
+    if not entries or max(end for end, _ in entries) <= size:
+        return
+    tb, start = stream.time_base, _stream_start(stream)
+    held = [ts for end, ts in entries if end <= size]
+    last = max(0.0, float((max(held) - start) * tb)) if held and tb else 0.0
+    missing = sum(end > size for end, _ in entries)
+    raise VideoError(
+        f"video {path} is truncated: the file ends after about {last:.2f} s of video, its index lists {missing} more "
+        f"frame(s) past the end of the file; re-download it or remove it from the annotations",
+        kind="truncated",
+    )
+
+
 def _info(container, stream, path: Path) -> VideoInfo:
     """Probe without decoding (rotation left at 0; the reader fills it in from the first decoded frame)."""
+    _check_index(stream, path)
     tb = stream.time_base
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else None
@@ -478,6 +500,29 @@ def _set_threads(stream, threads: int | None) -> None:
         stream.codec_context.thread_count = threads
 
 
+def _check_reached(path: Path, info: VideoInfo, targets: list[float], picked: list[tuple[float, object]]) -> None:
+    """Raise "truncated" when a sample time inside the clip's declared duration lies past the last decodable frame.
+
+    The header's duration (an MP4 index written at the start, as most download tools do, survives a cut) can
+    promise more than the data holds; each pick must then be the frame shown at its time, not a stale last frame.
+    A frame counts as shown until one and a half frame durations after its time (its own duration, else 1/fps).
+    """
+    for t, (ft, frame) in zip(targets, picked):
+        if t >= info.duration - _EPS or ft >= t - _EPS:
+            continue  # past the declared end (the last frame is the answer), or a frame at/after the time
+        span = 0.0
+        if frame.duration and frame.time_base:
+            span = float(frame.duration * frame.time_base)
+        if info.fps:
+            span = max(span, 1 / info.fps)
+        if t > ft + 1.5 * span + 0.01:
+            raise VideoError(
+                f"video {path} is truncated: its header says {info.duration:.2f} s but no frame decodes after "
+                f"{ft:.2f} s (a frame was wanted at {t:.2f} s); re-download it or remove it from the annotations",
+                kind="truncated",
+            )
+
+
 def read_frames(
     path: str | Path,
     num_frames: int = 4,
@@ -518,6 +563,8 @@ def read_frames(
         picked, count = _sequential_read(path, targets, threads)
         if count == 0:
             raise VideoError(f"video {path}: no frame of its video stream could be decoded; {_FIX}", kind="undecodable")
+    _check_reached(path, info, targets, picked)
+    if count is not None:
         if count < len(targets):
             raise VideoError(
                 f"video {path} has only {count} frame{'s' if count != 1 else ''}, fewer than the {len(targets)} "

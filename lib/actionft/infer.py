@@ -14,6 +14,61 @@ from actionft.data import Sample
 from actionft.errors import ActionftError
 
 
+def check_adapter(model_id: str, adapter_dir: str | Path) -> str:
+    """Check an adapter folder against its base before any weights load; returns "adapter" or "merged".
+
+    The folder must exist and hold `adapter_config.json` (or be a merged model with `config.json`); every LoRA
+    matrix in `adapter_model.safetensors` must fit the module it targets in `model_id`, read from the safetensors
+    header and a weightless (meta device) copy of the base, so an adapter trained for another base is one line.
+    """
+    adapter = Path(adapter_dir)
+    if not adapter.is_dir():
+        raise ActionftError(f"adapter folder {adapter} does not exist; train first (notebook 04 or actionft train)")
+    if (adapter / "config.json").is_file() and not (adapter / "adapter_config.json").is_file():
+        return "merged"
+    if not (adapter / "adapter_config.json").is_file():
+        raise ActionftError(f"{adapter} holds no adapter_config.json; is it an adapter folder (the run's adapter/)?")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return "adapter"  # an old .bin adapter: peft checks it when it loads
+    from safetensors import safe_open
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration
+
+    from actionft.modeling import resolve_model_id
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+    except Exception as err:
+        raise ActionftError(f"adapter weights {weights} cannot be read ({err}); train again or copy them again") from None
+    base_cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8", errors="replace") or "{}")
+    trained_on = base_cfg.get("base_model_name_or_path") or "?"
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_id(model_id))
+        with torch.device("meta"):
+            skeleton = Gemma4ForConditionalGeneration(config)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "adapter"  # no config to compare with: loading the model names the problem
+    modules = dict(skeleton.named_modules())
+    fix = f"use it with the base it was trained on ({trained_on}), e.g. --model-id / model_id"
+    for key, shape in shapes.items():
+        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key:
+                continue
+            name = key.split(part)[0].removeprefix("base_model.model.")
+            module = modules.get(name)
+            if module is None:
+                raise ActionftError(f"adapter {adapter} was trained for another base model: {model_id} has no "
+                                    f"module {name}; {fix}")
+            expected = getattr(module, "in_features" if dim == 1 else "out_features", None)
+            if expected is not None and shape[dim] != expected:
+                raise ActionftError(
+                    f"adapter {adapter} was trained for another base model: {name} has "
+                    f"{'inputs' if dim == 1 else 'outputs'} of size {expected} in {model_id}, the adapter's "
+                    f"{shape[dim]}; {fix}")
+    return "adapter"
+
+
 def load_for_inference(model_id: str, adapter_dir: str | Path | None = None, bf16: bool = False,
                        device: str | None = None):
     """Base model (+ adapter via `PeftModel.from_pretrained(base, adapter_dir)`), in eval mode, and its processor.
@@ -24,9 +79,7 @@ def load_for_inference(model_id: str, adapter_dir: str | Path | None = None, bf1
 
     device = device or default_device()
     adapter = Path(adapter_dir) if adapter_dir else None
-    if adapter is not None and not adapter.is_dir():
-        raise ActionftError(f"adapter folder {adapter} does not exist; train first (notebook 04 or actionft train)")
-    if adapter is not None and (adapter / "config.json").is_file() and not (adapter / "adapter_config.json").is_file():
+    if adapter is not None and check_adapter(model_id, adapter) == "merged":
         model_id, adapter = str(adapter), None  # a merged model
     processor = load_processor(str(adapter) if adapter and (adapter / "processor_config.json").is_file() else model_id)
     model = load_model(model_id, bf16=bf16)
@@ -121,7 +174,13 @@ def frames_sample(paths: list[str], prompt: str = DEFAULT_PROMPT, num_frames: in
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ActionftError(f"frame file(s) not found: {', '.join(missing)}")
-    return Sample(0, Path(paths[0]).parent.name, prompt, "", frames=[Path(p) for p in paths])
+    from actionft.data import check_media
+
+    sample = Sample(0, Path(paths[0]).parent.name, prompt, "", frames=[Path(p) for p in paths])
+    problems = check_media(sample, None)  # every frame opens, before any model loads
+    if problems:
+        raise ActionftError(f"frame {problems[0].path}: {problems[0].reason}")
+    return sample
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -150,6 +209,8 @@ def _cli_predict(args: argparse.Namespace) -> int:
     if budget is None and args.adapter:
         cfg_file = Path(args.adapter).parent / "train_config.json"
         budget = json.loads(cfg_file.read_text()).get("max_soft_tokens") if cfg_file.is_file() else None
+    if args.adapter:
+        check_adapter(args.model_id, args.adapter)  # before reading frames or loading weights
     sample = frames_sample(args.inputs, args.prompt, args.num_frames, as_video=args.as_video)
     model, processor = load_for_inference(args.model_id, args.adapter)
     answer = generate_answers(model, processor, [sample], max_soft_tokens=budget or 280, num_frames=args.num_frames,

@@ -104,16 +104,38 @@ def attn_implementation_for(value: str | dict | None, has_audio: bool) -> str | 
     return out
 
 
+# Under a 4-bit base (QLoRA) only the language model's linear layers are quantized: the towers and their projections
+# into the text model stay as they are (frozen, and small next to the text layers), and so does the LM head (tied to
+# the embeddings, which bitsandbytes never quantizes). Names as in Gemma4ForConditionalGeneration, matched from the
+# start of a module's name.
+NOT_QUANTIZED = ["model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio", "lm_head"]
+
+
+def quantization_config(bf16: bool):
+    """QLoRA's 4-bit base: NF4 weights, double quantization of their scales, matmuls in bf16 (fp32 without bf16)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(bf16), llm_int8_skip_modules=NOT_QUANTIZED)
+
+
 def load_model(model_id: str, bf16: bool = False, device: str | None = None,
-               attn_implementation: str | dict | None = None):
+               attn_implementation: str | dict | None = None, load_in_4bit: bool = False):
     """`Gemma4ForConditionalGeneration.from_pretrained` for the tiny or the real model, with a clear error.
 
     `attn_implementation`: see `attn_implementation_for` (a string means text and vision; audio stays eager).
+    `load_in_4bit`: the language model's linear layers in NF4 (`quantization_config`), on `device` (default: this
+    process's GPU, else the CPU).
     """
     from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
     resolved = resolve_model_id(model_id)
     kwargs = {"dtype": torch_dtype(bf16)}
+    if load_in_4bit:
+        # quantized weights are placed while loading and cannot be moved with .to() afterwards
+        local = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        kwargs.update(quantization_config=quantization_config(bf16), device_map={"": device or local})
+        device = None
     try:
         if attn_implementation:
             config = AutoConfig.from_pretrained(resolved)

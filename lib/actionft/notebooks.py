@@ -45,8 +45,14 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 def run_notebooks(params: dict[str, Any], selection: list[str] | None = None, kernel: str = "python3",
                   cell_timeout: int = 3600,
                   progress: bool = True) -> list[dict[str, Any]]:
-    """Execute the notebooks in order with the params each one declares; stop at the first failure."""
+    """Execute the notebooks in order with the params each one declares; stop at the first failure.
+
+    Every parameter is checked (name, type, range: actionft.config) before the first notebook starts."""
     import papermill
+
+    from actionft import config
+
+    config.validate(params)
 
     run_name = params.get("run_name", "run")
     out_dir = resolve_path(params.get("output_root", "outputs")) / run_name / "notebooks"

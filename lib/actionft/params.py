@@ -46,19 +46,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a params file (or start empty) and apply `key=value` overrides in order."""
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a params file (or start empty) and apply `key=value` overrides in order.
+
+    A file may start from another one with `extends: other.yaml` (a path relative to the file): the other file's
+    values first, then this file's.
+    """
     params: dict[str, Any] = {}
     if path is not None:
+        from actionft.data import read_text_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ActionftError(f"params file {path} does not exist; see params/ for the shipped ones")
+        if path.resolve() in _seen:
+            raise ActionftError(f"params file {path} extends itself (through {', '.join(map(str, _seen))})")
+        text = read_text_file(path, "params file", "see params/ for the shipped ones")
         try:
-            loaded = _load_yaml(path.read_text()) or {}
+            loaded = _load_yaml(text) or {}
         except yaml.YAMLError as err:
             raise ActionftError(f"params file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ActionftError(f"params file {path} must be a mapping of name: value, got {type(loaded).__name__}")
+        base = loaded.pop("extends", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ActionftError(f"params file {path}: extends must be a file name, got {base!r}")
+            params.update(load_params(path.parent / base, _seen=(*_seen, path.resolve())))
         params.update(loaded)
     for text in overrides:
         key, value = parse_override(text)

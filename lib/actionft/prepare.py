@@ -23,12 +23,19 @@ and failures.csv are written only at the end, each through a temporary file and 
 metadata.csv are removed at the start of a run that is going to replace existing clip folders (other settings, or a
 changed video), so no record ever points at a missing frame. A bad video never stops the run: it gets one row in
 failures.csv. Clip ids become folder names, so they must be unique across the video folder.
+
+Nothing prepare did not write is ever overwritten or deleted. Its output folder carries a marker,
+`.actionft-prepare.json` (the settings of the last run); a non-empty `--out` without it (an existing dataset, say) is
+refused unless `--overwrite` is given, and so is a `frames/<clip_id>` folder without prepare's `done.json`. A full
+disk or an output folder that cannot be written stops the run with one line; SIGTERM (like Ctrl-C) stops the worker
+processes too, and the finished clips are kept for the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import inspect
 import json
 import os
@@ -42,7 +49,7 @@ from typing import Any, Sequence
 
 from actionft import DEFAULT_PROMPT
 from actionft.data import KINETICS_COLUMNS, SPLITS, assign_split, kinetics_clip_id
-from actionft.errors import ActionftError
+from actionft.errors import ActionftError, os_error
 
 ANSWER_TEMPLATE = "The video shows {label}."
 VIDEO_EXTENSIONS = {
@@ -55,6 +62,10 @@ FAILURE_COLUMNS = ["clip_id", "source", "reason"]
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
                 "validation": "val", "test": "test", "testing": "test"}
 _SIDECAR_VERSION = 1
+MARKER = ".actionft-prepare.json"  # marks a folder as prepare's output
+_MARKER_VERSION = 1
+# Errors of the output disk, not of one clip: they stop the run instead of failing every clip in turn.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,6 +99,8 @@ def _valid_clip_id(clip_id: str) -> bool:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir():
+        raise ActionftError(f"annotation file {path} is a folder, not a file; give the annotation CSV or JSON")
     if not path.is_file():
         raise ActionftError(f"annotation file {path} does not exist")
     if path.suffix.lower() == ".json":
@@ -315,6 +328,11 @@ def _extract(task: dict[str, Any]) -> ClipResult:
         return result
     except VideoError as err:
         return ClipResult(clip_id, source, False, reason=str(err), kind=err.kind)
+    except OSError as err:
+        if err.errno in _WRITE_ERRNOS:  # the output disk, not this clip: stop the run (the parent reports it)
+            raise os_error(err, f"cannot write the frames of clip {clip_id}") from None
+        return ClipResult(clip_id, source, False, reason=f"unexpected error on {video}: {type(err).__name__}: {err}",
+                          kind="unexpected error")
     except ActionftError as err:
         return ClipResult(clip_id, source, False, reason=str(err), kind="unreadable")
     except Exception as err:  # one odd file must not stop a long run
@@ -357,8 +375,36 @@ def _done(frames_dir: Path, clip_id: str, settings: dict[str, Any], source: str 
 POOL_DECODER_THREADS = 1  # decoder threads in each worker process (None: FFmpeg's choice)
 
 
-def _ignore_sigint() -> None:
+def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (forked): SIGTERM ends a worker
+    if sys.platform.startswith("linux"):
+        # Should the parent die without stopping the pool (SIGKILL), the kernel sends each worker SIGTERM.
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _stop_pool(pool) -> None:
+    """Cancel what has not started and end the workers now (their half-written .tmp folders are swept next run)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(10)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception in the parent so the pool is stopped on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def _run(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[ClipResult]:
@@ -383,7 +429,7 @@ def _run(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[Clip
         else:
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-            pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
             try:
                 pending: set = set()
                 queue = iter(tasks)
@@ -399,7 +445,7 @@ def _run(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[Clip
                     for fut in finished:
                         done(fut.result())
             except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
+                _stop_pool(pool)
                 raise
             pool.shutdown(wait=True)
     finally:
@@ -449,9 +495,54 @@ def _write_atomic(path: Path, write) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as fh:
             write(fh)
         os.replace(tmp, path)
+    except OSError as err:
+        raise os_error(err, f"cannot write {path.name} in") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _is_own_clip_folder(folder: Path) -> bool:
+    """Written by prepare: its `done.json` (a folder is renamed into place only once that is written)."""
+    return (folder / SIDECAR).is_file()
+
+
+def _claim_output(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Make `out_dir` prepare's output folder, or refuse: never write over what prepare did not write.
+
+    An empty or new folder, or one with the marker, is prepare's. A folder written by a version without the marker
+    counts as prepare's when it holds only prepare's files and every clip folder has its `done.json`. Anything else
+    needs `overwrite`.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ActionftError(f"output folder {out_dir} is a file, not a folder; choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        entries = sorted(p.name for p in out_dir.iterdir())
+    except OSError as err:
+        raise os_error(err, "cannot create the output folder") from None
+    frames_dir = out_dir / "frames"
+    clip_folders = [p for p in frames_dir.iterdir() if not p.name.startswith(".")] if frames_dir.is_dir() else []
+    foreign_clips = [p for p in clip_folders if not _is_own_clip_folder(p)]
+    ours = {"frames", DATA_JSON, METADATA_CSV, FAILURES_CSV}
+    own = (out_dir / MARKER).is_file() or (
+        all(e in ours or any(e.startswith(f".{name}.tmp-") for name in ours) for e in entries)
+        and frames_dir.is_dir() and not foreign_clips
+    )
+    if entries and not own and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ActionftError(
+            f"output folder {out_dir} is not empty ({shown}) and was not written by actionft prepare; choose an "
+            f"empty or new --out, or pass --overwrite to write data.json, metadata.csv and frames/ into it anyway"
+        )
+    if foreign_clips and not overwrite:
+        shown = ", ".join(p.name for p in foreign_clips[:3]) + (", ..." if len(foreign_clips) > 3 else "")
+        raise ActionftError(
+            f"{frames_dir} holds {len(foreign_clips)} folder(s) that actionft prepare did not write ({shown}: no "
+            f"{SIDECAR}); move them away, or pass --overwrite to let prepare replace the ones it needs"
+        )
+    marker = {"tool": "actionft prepare", "version": _MARKER_VERSION, "settings": settings}
+    _write_atomic(out_dir / MARKER, lambda fh: fh.write(json.dumps(marker, indent=1) + "\n"))
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -493,6 +584,7 @@ def prepare_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PrepareReport:
     """Extract `num_frames` frames per annotated clip into `out_dir` and write data.json, metadata.csv, failures.csv.
 
@@ -501,7 +593,8 @@ def prepare_dataset(
     no caption (Kinetics). `workers` processes (default min(4, CPUs); 0 or 1 runs in this process). Splits come from
     the annotations, else `assign_split(clip_id, split_seed, val_fraction, test_fraction)`.
     Raises `ActionftError` for unusable input (no video folder, unreadable annotations, bad parameters); a bad clip
-    only adds a row to failures.csv. Rerunning skips clips already done.
+    only adds a row to failures.csv. Rerunning skips clips already done. A non-empty `out_dir` that prepare did not
+    write is refused unless `overwrite` (see the module docstring).
     """
     video_dir, out_dir = Path(video_dir), Path(out_dir)
     if not video_dir.is_dir():
@@ -524,16 +617,19 @@ def prepare_dataset(
     workers = _default_workers() if workers is None else int(workers)
 
     _, specs = load_annotations(annotations, answer_template)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"num_frames": num_frames, "size": list(size_hw) if size_hw else None, "jpeg_quality": jpeg_quality}
+    _claim_output(out_dir, settings, overwrite)
     frames_dir = out_dir / "frames"
-    frames_dir.mkdir(exist_ok=True)
+    try:
+        frames_dir.mkdir(exist_ok=True)
+    except OSError as err:
+        raise os_error(err, "cannot create") from None
     for stale in frames_dir.glob(".tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     for stale in frames_dir.glob(".old-*"):
         shutil.rmtree(stale, ignore_errors=True)
     index = VideoIndex(video_dir, exclude=out_dir)
 
-    settings = {"num_frames": num_frames, "size": list(size_hw) if size_hw else None, "jpeg_quality": jpeg_quality}
     results: dict[str, ClipResult] = {}
     tasks: list[dict[str, Any]] = []
     replaces_existing = False
@@ -614,6 +710,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, help="hashed split: share of val (default 0.1)")
     p.add_argument("--test-fraction", type=float, help="hashed split: share of test (default 0.1)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.add_argument("--overwrite", action="store_const", const=True,
+                   help="write into a non-empty folder that prepare did not write (replacing its data.json, "
+                        "metadata.csv and the clip folders it needs)")
     add_params_args(p)
     p.set_defaults(func=_cli_prepare)
 
@@ -636,11 +735,14 @@ def _cli_prepare(args: argparse.Namespace) -> int:
             f"prepare needs {', '.join(missing)}: `actionft prepare VIDEO_DIR ANNOTATIONS --out DIR` "
             f"(or set them in --params)"
         )
+    on_term = signal.signal(signal.SIGTERM, _raise_terminated)  # stop the workers too, not just this process
     try:
         report = prepare_dataset(**kwargs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("\ninterrupted: finished clips are kept; run the same command again to do the rest", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
     print(report.format())
     return report.exit_code
 

@@ -192,6 +192,13 @@ def stratified_splits(labels: list[str], seed: int, val_per_class: int, test_per
     return splits
 
 
+def settings(cfg: dict) -> dict:
+    """`generate_dataset`'s keyword arguments from the `synth_*` parameters of a config."""
+    return {"clips_per_class": cfg["synth_clips_per_class"], "val_per_class": cfg["synth_val_per_class"],
+            "test_per_class": cfg["synth_test_per_class"], "seed": cfg["synth_seed"],
+            "frame_size": cfg["synth_frame_size"]}
+
+
 def generate_dataset(
     out_dir: str | Path,
     clips_per_class: int = 60,
@@ -320,10 +327,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _cli_synth(args: argparse.Namespace) -> int:
     from actionft.params import params_from_args
 
-    params = params_from_args(args)
-    known = generate_dataset.__code__.co_varnames[1:generate_dataset.__code__.co_argcount]
-    kwargs = {k: v for k, v in params.items() if k in known}
-    summary = generate_dataset(args.out, **kwargs)
+    from actionft import config
+
+    cfg = config.validate(params_from_args(args))
+    summary = generate_dataset(args.out, num_frames=cfg["num_frames"], **settings(cfg))
     print(json.dumps(summary, indent=1))
     return 0
 

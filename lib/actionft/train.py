@@ -23,98 +23,114 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from actionft.errors import ActionftError
+from actionft import config
+from actionft.errors import ActionftError, ResourceError, os_error, writable_folder
 
-# Defaults = the reference run (seed_run.md), except paths and the model, which the params files set.
-DEFAULTS: dict[str, Any] = {
-    "run_name": "run",
-    "output_root": "outputs",
-    "model_id": "tiny",
-    "data_path": None,
-    "image_folder": None,
-    "metadata_path": None,
-    "synth": False,
-    # the generated dataset's settings (used when synth is true; see actionft.synth.generate_dataset)
-    "synth_clips_per_class": 60,
-    "synth_val_per_class": 6,
-    "synth_test_per_class": 10,
-    "synth_seed": 0,
-    "synth_frame_size": 192,
-    "num_frames": 4,
-    "max_soft_tokens": 280,
-    "video_max_soft_tokens": 70,
-    "split_seed": 0,
-    "val_fraction": 0.1,
-    "test_fraction": 0.1,
-    "max_train_samples": None,
-    "max_eval_samples": None,
-    "use_lora": True,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.05,
-    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "image_encoder_lr": 0.0,
-    "projector_lr": 0.0,
-    "num_train_epochs": 3,
-    "max_steps": -1,
-    "per_device_train_batch_size": 1,
-    "per_device_eval_batch_size": 8,
-    "gradient_accumulation_steps": 8,
-    "learning_rate": 2e-4,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.03,
-    "lr_scheduler_type": "cosine",
-    "max_grad_norm": 1.0,
-    "gradient_checkpointing": True,
-    "bf16": True,
-    "optim": "paged_adamw_8bit",
-    "save_strategy": "steps",
-    "save_steps": 200,
-    "save_total_limit": 2,
-    "logging_steps": 10,
-    "eval_steps": None,
-    "dataloader_num_workers": 4,
-    "seed": 42,
-    "deepspeed": "params/deepspeed/zero2.json",
-    "resume_from_checkpoint": None,
-    "attn_implementation": "sdpa",
-    "padding_side": "left",
-    "supervised_logits_only": True,
-    "num_processes": None,  # what `--dry-run` plans for; None: the launcher's WORLD_SIZE (1 in a plain process)
-}
+# Every parameter's type, range and default: actionft.config (one section per concern). Defaults = the reference
+# run (seed_run.md), except paths and the model, which the params files set.
+DEFAULTS: dict[str, Any] = config.defaults()
 
-# Parameters that only notebooks 00 and 05-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
-# training ignores them. A test keeps this list in step with the notebooks' `parameters` cells.
-OTHER_KEYS = frozenset({
-    "adapter_dir", "add_missing_clip", "annotations", "batch_size", "eval_split", "jpeg_quality", "label_template",
-    "max_clips", "max_mean_diff", "max_new_tokens", "n_checked", "n_examples", "n_show", "semantic", "size",
-    "video_data_path", "video_dir", "workers",
-})
+# Parameters that only notebooks 00 and 02-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
+# training ignores them. A test keeps them in step with the notebooks' `parameters` cells.
+OTHER_KEYS = frozenset(config.defaults(("evaluation", "prepare")))
 
 # Modules of Gemma4ForConditionalGeneration that LoRA never touches (towers and their projections into text).
 NON_TEXT_MODULES = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 
 
 def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
-    """Defaults + params, with unknown-key and consistency checks."""
-    unknown = sorted(set(params) - set(DEFAULTS) - OTHER_KEYS)
-    if unknown:
-        import difflib
-
-        known = list(DEFAULTS) + sorted(OTHER_KEYS)
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
-        raise ActionftError(f"unknown parameter(s): {', '.join(hints)}; the known ones are in params/tiny.yaml "
-                            "and the notebooks' parameters cells")
-    cfg = dict(DEFAULTS)
-    cfg.update({k: v for k, v in params.items() if k in DEFAULTS})
+    """Defaults + params: names, types and ranges checked (actionft.config), then the checks across keys."""
+    cfg = {k: v for k, v in config.validate(params).items() if k in DEFAULTS}  # types and ranges checked
     if cfg["data_path"] is None and not cfg["synth"]:
         raise ActionftError("set data_path and image_folder (or synth: true for the generated dataset)")
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_frames"):
-        if int(cfg[key]) < 1:
-            raise ActionftError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["padding_side"] not in ("left", "right"):
-        raise ActionftError(f"padding_side must be 'left' or 'right', got {cfg['padding_side']!r}")
+    if cfg["load_in_4bit"]:
+        check_quantized(cfg)
+    reporters = report_targets(cfg)
+    if "none" in reporters and len(reporters) > 1:
+        raise ActionftError(f"report_to: 'none' cannot be combined with {reporters}; choose one or the other")
     return cfg
+
+
+def check_quantized(cfg: dict[str, Any]) -> None:
+    """A 4-bit base trains adapters only, and its packed weights cannot be sharded by ZeRO-3."""
+    from actionft.modeling import resolve_path
+
+    if not cfg["use_lora"]:
+        raise ActionftError("load_in_4bit: true needs use_lora: true (4-bit weights cannot be trained; "
+                            "QLoRA trains LoRA adapters on a frozen 4-bit base)")
+    if cfg["deepspeed"]:
+        path = resolve_path(cfg["deepspeed"])
+        try:
+            stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError) as exc:
+            raise ActionftError(f"DeepSpeed config {path}: cannot read it ({exc})") from None
+        if stage == 3:
+            raise ActionftError(f"load_in_4bit: true with ZeRO-3 ({path}): DeepSpeed cannot shard bitsandbytes' "
+                                "packed 4-bit weights; use params/deepspeed/zero2.json or deepspeed: null")
+
+
+def report_targets(cfg: dict[str, Any]) -> list[str]:
+    """`report_to` as a list ("none" for none)."""
+    value = cfg["report_to"]
+    targets = [value] if isinstance(value, str) else list(value or ["none"])
+    if not all(isinstance(t, str) and t for t in targets):
+        raise ActionftError(f"report_to must be a name or a list of names (e.g. tensorboard, none), got {value!r}")
+    return targets
+
+
+def tensorboard_callbacks(cfg: dict[str, Any], out: Path) -> list:
+    """The TensorBoard writer, pointed at <run>/tensorboard/ (the Trainer's own default is a dated folder under
+    the checkpoints, which a resumed run would split in two)."""
+    if "tensorboard" not in report_targets(cfg):
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(out / "tensorboard")
+    return [callback]
+
+
+# Settings that may change between a run and its resumption: they do not change what the run computes.
+RUN_FREE_KEYS = frozenset({
+    "resume_from_checkpoint", "num_processes", "dataloader_num_workers", "logging_steps", "per_device_eval_batch_size",
+    "eval_steps", "save_strategy", "save_steps", "save_total_limit", "max_eval_samples", "output_root", "report_to",
+})
+_PATH_KEYS = ("data_path", "image_folder", "metadata_path", "deepspeed")
+
+
+def _run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make a run what it is, paths resolved and JSON-normalised (tuples -> lists)."""
+    from actionft.modeling import resolve_path
+
+    out = {k: v for k, v in cfg.items() if k not in RUN_FREE_KEYS}
+    for key in _PATH_KEYS:
+        if out.get(key):
+            out[key] = str(resolve_path(out[key]))
+    return json.loads(json.dumps(out, default=str))
+
+
+def check_run_folder(cfg: dict[str, Any], out: Path) -> None:
+    """Bind a run folder to its configuration: refuse a run whose settings differ from those recorded in
+    `train_config.json` (a different run would mix its checkpoints, adapter and log with the old one's)."""
+    recorded = out / "train_config.json"
+    if not recorded.is_file():
+        return
+    try:
+        old = json.loads(recorded.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as err:
+        raise ActionftError(f"{recorded} cannot be read ({err}); this run folder is damaged: set another run_name "
+                            f"or delete {out} to start over") from None
+    old_id, new_id = _run_identity(old), _run_identity(cfg)
+    changed = [k for k in new_id if k in old_id and old_id[k] != new_id[k]]
+    if changed:
+        shown = ", ".join(f"{k} {old_id[k]!r} -> {new_id[k]!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ActionftError(
+            f"run folder {out} holds a run with other settings ({shown}{more}); a run folder belongs to one "
+            f"configuration: set another run_name (e.g. --set run_name=...) or delete {out} to start over"
+        )
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:
@@ -165,13 +181,11 @@ def ensure_data(cfg: dict[str, Any]) -> None:
     if not cfg.get("synth"):
         return
     from actionft.modeling import resolve_path
-    from actionft.synth import ensure_dataset, generate_dataset
+    from actionft.synth import ensure_dataset, settings
 
-    known = generate_dataset.__code__.co_varnames[1:generate_dataset.__code__.co_argcount]
-    kwargs = {k[len("synth_"):]: v for k, v in cfg.items() if k.startswith("synth_") and k[len("synth_"):] in known}
     folder = resolve_path(cfg["image_folder"])
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        ensure_dataset(folder, **kwargs)
+        ensure_dataset(folder, **settings(cfg))
         return
     # other processes of a multi-process launch wait for the first one to render it
     deadline = time.time() + 900
@@ -205,8 +219,16 @@ def build_model(cfg: dict[str, Any], model=None):
     from actionft.modeling import load_model
 
     if model is None:
-        model = load_model(cfg["model_id"], bf16=cfg["bf16"], attn_implementation=cfg["attn_implementation"])
+        model = load_model(cfg["model_id"], bf16=cfg["bf16"], attn_implementation=cfg["attn_implementation"],
+                           load_in_4bit=cfg["load_in_4bit"])
     model.config.use_cache = False
+    if cfg["load_in_4bit"]:
+        # peft's prepare_model_for_kbit_training, less its upcast of every non-4-bit weight to fp32: for E4B that
+        # would turn the 3.5 B embedding and per-layer-input parameters into 13 GiB. What remains: freeze the base
+        # (get_peft_model does) and let gradients reach checkpointed blocks (below); the Trainer enables
+        # checkpointing itself.
+        for p in model.parameters():
+            p.requires_grad_(False)
     if not cfg["use_lora"]:  # every text weight trains; a tower only at a positive lr, audio never
         lr_of = {"vision_tower": cfg["image_encoder_lr"], "embed_vision": cfg["projector_lr"]}
         for name, p in model.named_parameters():
@@ -224,7 +246,7 @@ def build_model(cfg: dict[str, Any], model=None):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    if cfg["gradient_checkpointing"]:
+    if cfg["gradient_checkpointing"] or cfg["load_in_4bit"]:
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps LoRA gradients flowing.
         model.enable_input_require_grads()
     return model
@@ -401,7 +423,8 @@ def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
         dataloader_num_workers=cfg["dataloader_num_workers"],
         seed=cfg["seed"],
         deepspeed=str(ds) if ds else None,
-        report_to="none",
+        # TensorBoard is added as a callback with its own folder (tensorboard_callbacks)
+        report_to=[t for t in report_targets(cfg) if t not in ("tensorboard", "none")] or "none",
         remove_unused_columns=False,
         prediction_loss_only=True,
         disable_tqdm=False,
@@ -422,13 +445,24 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
 
     cfg = resolve_config(params)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything a user can get wrong is checked before the model loads.
+    check_run_folder(cfg, out)
+    writable_folder(out, "run folder")
+    resume = resolve_resume(cfg, out)
     if int(os.environ.get("RANK", "0")) == 0:
-        (out / "train_config.json").write_text(json.dumps(cfg, indent=1))
+        if resume is None:
+            set_aside_checkpoints(out)
+        try:  # replaced in one step: other processes of a launch read it in check_run_folder
+            tmp = out / f".train_config.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(cfg, indent=1))
+            os.replace(tmp, out / "train_config.json")
+        except OSError as err:
+            raise os_error(err, "cannot write the run's configuration") from None
     set_seed(cfg["seed"])
     splits = load_splits(cfg, progress=progress)
     if not splits["train"]:
         raise ActionftError("the training split is empty; check the split fractions and the metadata")
+    check_run_data(cfg, out, resume)
     processor = load_processor(cfg["model_id"])
     model = build_model(cfg, model)
     collator = Collator(
@@ -439,9 +473,102 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
     trainer = make_trainer_class()(
         model=model, args=args, data_collator=collator, train_dataset=SampleDataset(splits["train"]),
         eval_dataset=SampleDataset(splits["val"]) if splits["val"] else None, cfg=cfg,
+        callbacks=tensorboard_callbacks(cfg, out),
     )
-    info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor}
+    info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor, "resume": resume}
     return trainer, info
+
+
+RUN_DATA = "run_data.json"  # fingerprints of the dataset files a run started on
+
+
+def _data_fingerprint(cfg: dict[str, Any]) -> dict[str, str | None]:
+    import hashlib
+
+    from actionft.modeling import resolve_path
+
+    out = {}
+    for key in ("data_path", "metadata_path"):
+        path = resolve_path(cfg.get(key))
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+    return out
+
+
+def check_run_data(cfg: dict[str, Any], out: Path, resume: str | None) -> None:
+    """A resumed run must see the data it started on: the same paths with other contents (a dataset prepared again,
+    say) are refused; a fresh start records the fingerprints (sha256) in run_data.json."""
+    recorded = out / RUN_DATA
+    now = _data_fingerprint(cfg)
+    if resume is not None and recorded.is_file():
+        try:
+            then = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            then = {}
+        changed = [k for k, v in now.items() if then.get(k) not in (None, v)]
+        if changed:
+            files = ", ".join(str(cfg[k]) for k in changed)
+            raise ActionftError(
+                f"cannot resume {out}: {files} changed since the run started; resume with the data it started on, "
+                f"or start over (leave resume_from_checkpoint unset) or use another run_name")
+    if int(os.environ.get("RANK", "0")) == 0 and (resume is None or not recorded.is_file()):
+        try:
+            recorded.write_text(json.dumps(now, indent=1))
+        except OSError as err:
+            raise os_error(err, "cannot write") from None
+
+
+def resolve_resume(cfg: dict[str, Any], out: Path) -> str | None:
+    """The checkpoint folder to resume from (None: a fresh start); raises before any model loads when it is missing.
+
+    `latest` (or true) is the newest complete checkpoint in this run folder, which `check_run_folder` has bound to
+    this configuration; a path must be a checkpoint folder (with trainer_state.json).
+    """
+    from actionft.modeling import resolve_path
+
+    resume = cfg["resume_from_checkpoint"]
+    if resume in (None, False, "", "false", "none", "null"):
+        return None
+    if resume in (True, "true", "latest"):
+        return latest_checkpoint(out / "checkpoints")
+    path = resolve_path(str(resume))
+    if not path.is_dir():
+        raise ActionftError(f"resume_from_checkpoint {resume}: no such folder; point it at a checkpoint-N folder of "
+                            f"this run, use latest, or leave it unset to start over")
+    if not (path / "trainer_state.json").is_file():
+        raise ActionftError(f"resume_from_checkpoint {path} is not a complete checkpoint (no trainer_state.json); "
+                            f"point it at a checkpoint-N folder or use latest")
+    return str(path)
+
+
+def set_aside_checkpoints(out: Path) -> Path | None:
+    """A fresh start in a run folder that holds checkpoints (an earlier attempt at this configuration): move them
+    into `checkpoints/previous-N/`, where neither `latest` nor the Trainer's rotation sees them, so a later resume
+    only ever continues this attempt. Nothing is deleted. Returns the folder they went to (None: there were none)."""
+    folder = out / "checkpoints"
+    old = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
+    if not old:
+        return None
+    taken = [int(p.name.split("-")[-1]) for p in folder.glob("previous-*") if p.name.split("-")[-1].isdigit()]
+    dest = folder / f"previous-{max(taken, default=0) + 1}"
+    try:
+        dest.mkdir()
+        for p in old:
+            os.rename(p, dest / p.name)
+    except OSError as err:
+        raise os_error(err, "cannot set the earlier checkpoints aside in") from None
+    print(f"this run starts over: the {len(old)} checkpoint(s) of the earlier attempt are kept in {dest} (delete "
+          f"them to free the space; set resume_from_checkpoint=latest to continue a run instead)")
+    return dest
+
+
+def _finished(checkpoint: str) -> dict[str, Any] | None:
+    """The checkpoint's trainer state when it is the last step of its run (resuming it would train on), else None."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    max_steps = state.get("max_steps") or 0
+    return state if max_steps > 0 and state.get("global_step", 0) >= max_steps else None
 
 
 def latest_checkpoint(folder: Path) -> str:
@@ -455,19 +582,40 @@ def latest_checkpoint(folder: Path) -> str:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
 
 
+def optimizer_chain(optimizer) -> str:
+    """The optimizer that ran, outermost wrapper first (`DeepSpeedOptimizerWrapper > DeepSpeedZeroOptimizer >
+    bitsandbytes.AdamW 8-bit paged` under ZeRO-2), so a run's summary shows what actually stepped the weights."""
+    names = []
+    while optimizer is not None and len(names) < 6:
+        name = type(optimizer).__name__
+        if type(optimizer).__module__.startswith("bitsandbytes"):
+            # transformers builds paged_adamw_8bit as bitsandbytes' AdamW with optim_bits=8, is_paged=True
+            bits = getattr(getattr(optimizer, "args", None), "optim_bits", 32)
+            name = f"bitsandbytes.{name} {bits}-bit" + (" paged" if getattr(optimizer, "is_paged", False) else "")
+        names.append(name)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return " > ".join(names)
+
+
 def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming if asked), save the adapter + processor under the run folder, return a summary."""
     from actionft.modeling import resolve_path
 
     cfg, out = info["cfg"], info["run_dir"]
-    resume = cfg["resume_from_checkpoint"]
-    if resume in (True, "true", "latest"):
-        resume = latest_checkpoint(Path(trainer.args.output_dir))
-    elif resume:
-        resume = str(resolve_path(resume))
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    resume = info["resume"] if "resume" in info else resolve_resume(cfg, out)
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
+    finished = _finished(resume) if resume else None
+    if finished is not None:
+        # The run already took its last step: resuming must not add one. Its adapter is the checkpoint's.
+        return _finished_summary(trainer, info, resume, finished)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume or None)
+        trainer.save_model(str(adapter_dir))
+    except Exception as err:
+        full = _disk_full(err, out)
+        if full is None:
+            raise
+        raise full from None
     summary = {
         "run_dir": str(out),
         "adapter_dir": str(adapter_dir),
@@ -478,12 +626,73 @@ def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
         "train_loss": round(result.training_loss, 4),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_samples_per_s": round(result.metrics.get("train_samples_per_second", 0.0), 3),
+        "optimizer": optimizer_chain(trainer.optimizer),
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
     }
     if trainer.is_world_process_zero():
         info["processor"].save_pretrained(str(adapter_dir))
         trainer.state.save_to_json(str(out / "trainer_state.json"))
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _finished_summary(trainer, info: dict[str, Any], checkpoint: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A finished run resumed: no step is taken; the adapter comes from its last checkpoint when it is missing."""
+    import shutil
+
+    cfg, out = info["cfg"], info["run_dir"]
+    adapter_dir = out / "adapter"
+    print(f"{checkpoint} is the last step of this run ({state['global_step']} of {state['max_steps']}); "
+          f"nothing to train, its adapter is in {adapter_dir}")
+    summary_file = out / "train_summary.json"
+    if trainer.is_world_process_zero():
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            adapter_dir.mkdir(parents=True, exist_ok=True)
+            for f in Path(checkpoint).iterdir():
+                if f.name.startswith("adapter_") and f.is_file():
+                    shutil.copy2(f, adapter_dir / f.name)
+            info["processor"].save_pretrained(str(adapter_dir))
+        if not (out / "trainer_state.json").is_file():
+            shutil.copy2(Path(checkpoint) / "trainer_state.json", out / "trainer_state.json")
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+    else:
+        summary = {"run_dir": str(out), "adapter_dir": str(adapter_dir), "train_samples": len(info["splits"]["train"]),
+                   "val_samples": len(info["splits"]["val"]),
+                   "effective_batch": effective_batch(cfg, trainer.args.world_size)}
+    summary["global_step"] = state["global_step"]
+    if trainer.is_world_process_zero() and not summary_file.is_file():
+        summary_file.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _disk_full(err: BaseException, out: Path) -> ActionftError | None:
+    """A one-line error when training stopped on a full disk (an OSError, or torch's and safetensors' own wording
+    of it), else None."""
+    import errno
+
+    full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if isinstance(err, OSError) and err.errno is not None:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return os_error(err, "training stopped: cannot write")
+        if err.errno not in full:
+            return None
+    text = str(err).lower()
+    if (isinstance(err, OSError) and err.errno in full) or "no space left" in text or (
+            "write" in text and "fail" in text and _free_bytes(out) < 64 * 2**20):
+        return ResourceError(
+            f"training stopped: no space left on the device holding {out}; free some space and run again with "
+            f"resume_from_checkpoint=latest (a checkpoint cut short is skipped)")
+    return None
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def train(params: dict[str, Any], model=None, progress: bool = True) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""One typed configuration: every parameter a params file, `--set` or a notebook's `parameters` cell may hold.
+
+Params files stay flat (`lora_r: 16`); here each name belongs to one section (run, data, model, LoRA, training,
+evaluation, prepare), with its type, its allowed range and its default. `validate(params)` checks names, types and
+ranges before any work and raises one `ActionftError` line per problem: the key, the value and what is allowed,
+and for an unknown key the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actionft.errors import ActionftError
+
+SOFT_TOKENS = Literal[70, 140, 280, 560, 1120]  # the budgets Gemma 4's image processor offers
+
+
+class _Section(BaseModel):
+    # unknown keys are refused; "2e-4" from the command line is still read as a number
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunSection(_Section):
+    run_name: str = Field("run", min_length=1, pattern=r"^[^/\\]+$")  # a folder name under output_root
+    output_root: str = "outputs"
+
+
+class DataSection(_Section):
+    data_path: str | None = None
+    image_folder: str | None = None
+    metadata_path: str | None = None
+    synth: bool = False
+    # the generated dataset's settings (used when synth is true; see actionft.synth.generate_dataset)
+    synth_clips_per_class: int = Field(60, ge=2)
+    synth_val_per_class: int = Field(6, ge=0)
+    synth_test_per_class: int = Field(10, ge=0)
+    synth_seed: int = 0
+    synth_frame_size: int = Field(192, ge=16)
+    num_frames: int = Field(4, ge=1)
+    max_soft_tokens: SOFT_TOKENS = 280
+    video_max_soft_tokens: SOFT_TOKENS = 70
+    split_seed: int = 0
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _room_for_training(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
+                             "clips for training; keep the sum below 1")
+        if self.synth and self.synth_val_per_class + self.synth_test_per_class >= self.synth_clips_per_class:
+            raise ValueError("synth_val_per_class + synth_test_per_class must stay below synth_clips_per_class")
+        return self
+
+
+class ModelSection(_Section):
+    model_id: str = Field("tiny", min_length=1)
+    # a string for text and vision (audio stays eager), or a mapping per sub-config (text_config, vision_config, ...)
+    attn_implementation: str | dict[str, str] | None = "sdpa"
+    bf16: bool = True
+    # QLoRA: the language model's linear layers frozen in 4-bit NF4 (bitsandbytes), LoRA on top as usual
+    load_in_4bit: bool = False
+    padding_side: Literal["left", "right"] = "left"
+    supervised_logits_only: bool = True
+
+
+class LoraSection(_Section):
+    use_lora: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int | float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+    image_encoder_lr: float = Field(0.0, ge=0.0)
+    projector_lr: float = Field(0.0, ge=0.0)
+
+
+class TrainingSection(_Section):
+    num_train_epochs: int | float = Field(3, gt=0)
+    max_steps: int = Field(-1, ge=-1)  # -1 (or 0): run the epochs
+    per_device_train_batch_size: int = Field(1, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    learning_rate: float = Field(2e-4, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_8bit"
+    save_strategy: Literal["no", "steps", "epoch", "best"] = "steps"
+    save_steps: int = Field(200, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    dataloader_num_workers: int = Field(4, ge=0)
+    seed: int = 42
+    deepspeed: str | None = "params/deepspeed/zero2.json"
+    resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or "latest"
+    # where the training logs go besides trainer_state.json: "tensorboard" (event files in <run>/tensorboard/),
+    # "none", or a list of transformers' integrations (their packages must be installed)
+    report_to: str | list[str] = "tensorboard"
+    num_processes: int | None = Field(None, ge=1)  # what `--dry-run` plans for; None: the launcher's WORLD_SIZE
+
+    @model_validator(mode="after")
+    def _known_to_transformers(self):
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        for key, names in (("optim", [o.value for o in OptimizerNames]),
+                           ("lr_scheduler_type", [s.value for s in SchedulerType])):
+            if getattr(self, key) not in names:
+                close = difflib.get_close_matches(getattr(self, key), names, 3)
+                raise ValueError(f"{key}={getattr(self, key)!r}: not one transformers knows"
+                                 + (f" (closest: {', '.join(close)})" if close else ""))
+        return self
+
+
+class EvaluationSection(_Section):
+    """Read by notebooks 05-06 and `actionft evaluate` (None: the notebook's own default)."""
+
+    adapter_dir: str | None = None
+    eval_split: Literal["train", "val", "test"] | None = None
+    label_template: str | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    semantic: bool | None = None
+    n_examples: int | None = Field(None, ge=0)
+    n_show: int | None = Field(None, ge=0)
+
+
+class PrepareSection(_Section):
+    """Read by notebooks 00 and 02-03 (None: the notebook's own default)."""
+
+    video_dir: str | None = None
+    annotations: str | None = None
+    add_missing_clip: bool | None = None
+    size: int | None = Field(None, ge=0)
+    jpeg_quality: int | None = Field(None, ge=1, le=100)
+    workers: int | None = Field(None, ge=1)
+    max_clips: int | None = Field(None, ge=0)
+    max_mean_diff: float | None = Field(None, ge=0.0)
+    video_data_path: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    n_checked: int | None = Field(None, ge=1)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "run": RunSection, "data": DataSection, "model": ModelSection, "lora": LoraSection,
+    "training": TrainingSection, "evaluation": EvaluationSection, "prepare": PrepareSection,
+}
+# The sections training reads (train.resolve_config returns them flat).
+TRAIN_SECTIONS = ("run", "data", "model", "lora", "training")
+SECTION_OF = {name: section for section, cls in SECTIONS.items() for name in cls.model_fields}
+KNOWN = sorted(SECTION_OF)
+
+
+def defaults(sections: tuple[str, ...] = TRAIN_SECTIONS) -> dict[str, Any]:
+    """The defaults of these sections, flat."""
+    return {k: v for s in sections for k, v in SECTIONS[s]().model_dump().items()}
+
+
+def _describe(err: dict[str, Any], section: str) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or section
+    if err["type"] == "extra_forbidden":
+        return unknown_hint(key)
+    if not err["loc"]:  # a check across keys
+        return err["msg"].removeprefix("Value error, ")
+    return f"{key}={err['input']!r}: {err['msg'].removeprefix('Value error, ').lower()}"
+
+
+def unknown_hint(key: str) -> str:
+    close = difflib.get_close_matches(key, KNOWN, 1)
+    return f"unknown parameter {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def validate(params: dict[str, Any], sections: tuple[str, ...] = tuple(SECTIONS)) -> dict[str, Any]:
+    """`params` checked against the typed configuration; returns the sections' values, flat, defaults filled in.
+
+    Raises ActionftError naming every bad key (unknown, wrong type, out of range) in one line each."""
+    problems = [unknown_hint(k) for k in params if k not in SECTION_OF]
+    out: dict[str, Any] = {}
+    for section in sections:
+        cls = SECTIONS[section]
+        given = {k: v for k, v in params.items() if SECTION_OF.get(k) == section}
+        try:
+            out.update(cls(**given).model_dump())
+        except ValidationError as exc:
+            problems += [_describe(e, section) for e in exc.errors()]
+    if problems:
+        raise ActionftError("; ".join(problems) + " (the parameters and their ranges: lib/actionft/config.py)")
+    return out
