@@ -453,8 +453,8 @@ def header() -> str:
 
 # -- the software stack actually present -----------------------------------------------------------------------
 OPTIONAL = ("deepspeed", "bitsandbytes")
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "huggingface_hub", "numpy",
-            *OPTIONAL)
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "huggingface_hub", "pydantic",
+            "numpy", *OPTIONAL)
 
 
 def importable(name: str) -> str | None:

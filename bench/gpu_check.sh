@@ -45,7 +45,25 @@ echo "gpu_check: $(date -u +%FT%TZ), $PY ($("$PY" -c 'import sys; print(sys.vers
 SITE="$TMP/site"
 mkdir -p "$SITE"
 shopt -s nullglob
-wheels=("$BUNDLE"/*.whl)
+all_wheels=("$BUNDLE"/*.whl)
+# only the wheels this Python takes (all of them on the GPU machine's 3.12; the CPU rehearsal's 3.11 has the
+# cp312-only ones installed at the same version beforehand)
+mapfile -t wheels < <("$PY" - "${all_wheels[@]}" <<'EOF'
+import sys
+try:
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+except ImportError:
+    from pip._vendor.packaging.tags import sys_tags
+    from pip._vendor.packaging.utils import parse_wheel_filename
+supported = set(sys_tags())
+for wheel in sys.argv[1:]:
+    if parse_wheel_filename(wheel.rsplit("/", 1)[-1])[3] & supported:
+        print(wheel)
+    else:
+        print(f"gpu_check: {wheel} is not for this Python; the installed release serves", file=sys.stderr)
+EOF
+)
 if [ ${#wheels[@]} -eq 0 ]; then
     echo "gpu_check: no wheels in $BUNDLE/ (make gpu-bundle, then carry it): using the machine's own packages"
 elif ! "$PY" -m pip install --quiet --no-deps --no-index --no-compile --disable-pip-version-check \

@@ -88,12 +88,14 @@ def check(out: Path, bundle: Path | None) -> list[str]:
                 problems.append(f"{name}: bitsandbytes is absent but the record does not say which optimizer ran")
         if bundle is not None and bundle.is_dir():
             for package, version in wheel_versions(bundle).items():
-                if packages.get(package) != version:
+                if package in packages and packages[package] != version:
                     problems.append(f"{name}: ran with {package} {packages.get(package)}, the bundle holds {version}")
     if not (out / "gpu_check.md").read_text().count("| reference |"):
         problems.append(f"{out / 'gpu_check.md'} has no reference row")
     if env.get("device") is None or "packages" not in env:
         problems.append(f"{out / 'environment.json'} lacks the device or the packages")
+    elif bundle is not None and not {"transformers", "peft"} <= set(env["packages"]):
+        problems.append(f"{out / 'environment.json'} does not list transformers and peft")
     return problems
 
 

@@ -29,6 +29,20 @@ for absent in deepspeed bitsandbytes av actionft; do
 done
 
 "$VENV/bin/python" bench/gpu_bundle.py --size-only
+# a bundle wheel built for CPython 3.12 only (pydantic-core): the same release for this Python, into the venv
+"$VENV/bin/python" - <<'EOF'
+import subprocess, sys
+from pathlib import Path
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
+supported = set(sys_tags())
+need = [f"{name}=={version}" for name, version, _, tags in
+        (parse_wheel_filename(w.name) for w in sorted(Path(".gpu-bundle").glob("*.whl"))) if not tags & supported]
+if need:
+    print(f"gpu-rehearse: for this Python, the same releases as the bundle's cp312-only wheels: {' '.join(need)}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *need],
+                   check=True)
+EOF
 OUT=${OUT:-$(mktemp -d)}
 echo "gpu-rehearse: running bench/gpu_check.sh in tiny mode, OUT=$OUT"
 rc=0
