@@ -811,12 +811,18 @@ def trace_saved_bytes(peft_model, batch: int, length: int, kept: int, inputs_req
     return {"layers": per_layer, "layer_inputs": inputs, **totals}
 
 
+# bitsandbytes NF4 with double quantization: 4 bits per weight, an 8-bit absmax per block of 64, and an fp32 scale
+# per 256 of those blocks
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
 def memory_estimate(peft_model, n_params: int, n_lora: int, batch: int, length: int, kept: int, ckpt: bool,
-                    zero2: bool, shortcut: bool = True) -> dict:
-    """Analytic peak-memory estimate (GiB) of one configuration; see `estimate()` for the assumptions."""
+                    zero2: bool, shortcut: bool = True, weight_bytes: float | None = None) -> dict:
+    """Analytic peak-memory estimate (GiB) of one configuration; see `estimate()` for the assumptions.
+    `weight_bytes`: the stored weights when they are not all bf16 (a 4-bit base)."""
     trace = trace_saved_bytes(peft_model, batch, length, kept, inputs_require_grad=ckpt, shortcut=shortcut)
     vocab = peft_model.get_base_model().config.text_config.vocab_size
-    weights = n_params * 2
+    weights = n_params * 2 if weight_bytes is None else weight_bytes
     lora_state = n_lora * (2 + 4 + 4 + 2 + 2 * 4 / 256)  # bf16 copy, fp32 master, fp32 grad, 8-bit m and v + absmax
     if ckpt:
         # kept: every layer's input (hidden states); transient: one layer's activations during its recomputation
@@ -862,6 +868,16 @@ def estimate(peak_tflops_assumed: float = ASSUMED_PEAK_TFLOPS, seed: int = 0) ->
                                                                                           "projection + norms")
         counts[part] = counts.get(part, 0) + p.numel()
     n_params = sum(counts.values())
+    # QLoRA (load_in_4bit): the language model's linear layers in NF4, everything else bf16 (modeling.NOT_QUANTIZED)
+    n_4bit = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.startswith("model.language_model."))
+    qlora_parts = {"4-bit text linears": n_4bit * NF4_BYTES_PER_PARAM,
+                   "per-layer embedding table (bf16)": counts.get("text per-layer embeddings (PLE table)", 0) * 2,
+                   "embed_tokens / LM head (bf16)": counts.get("text embed_tokens (tied LM head)", 0) * 2}
+    qlora_parts["the rest in bf16 (towers, norms, projections)"] = (
+        (n_params - n_4bit) * 2 - qlora_parts["per-layer embedding table (bf16)"]
+        - qlora_parts["embed_tokens / LM head (bf16)"])
+    qlora_weights = sum(qlora_parts.values())
     flop_model = FlopModel.from_model(model)
     n_shared = sum(layer.shared for layer in flop_model.layers)
     pool = e4b_pool(64, seed, pixels=False)
@@ -886,6 +902,12 @@ def estimate(peak_tflops_assumed: float = ASSUMED_PEAK_TFLOPS, seed: int = 0) ->
         "lowmem (b1 x 8, ckpt, supervised-only logits)":
             memory_estimate(peft_ckpt, n_params, n_lora, 1, length, kept1, ckpt=True, zero2=False, shortcut=False),
     }
+    memory["qlora: params/gemma4_e4b_qlora.yaml (b1 x 8, ckpt, ZeRO-2, supervised-only logits)"] = memory_estimate(
+        peft_ckpt, n_params, n_lora, 1, length, kept1, ckpt=True, zero2=True, shortcut=False,
+        weight_bytes=qlora_weights)
+    memory["qlora with full logits (b1 x 8, ckpt, ZeRO-2)"] = memory_estimate(
+        peft_ckpt, n_params, n_lora, 1, length, length, ckpt=True, zero2=True, shortcut=False,
+        weight_bytes=qlora_weights)
     peft_plain = e4b_meta_peft(ckpt=False)
     memory["fastest candidate (b8 x 1, no ckpt, supervised-only)"] = memory_estimate(
         peft_plain, n_params, n_lora, 8, length, kept8, ckpt=False, zero2=False)
@@ -907,6 +929,8 @@ def estimate(peak_tflops_assumed: float = ASSUMED_PEAK_TFLOPS, seed: int = 0) ->
         "flops_per_sample_full_logits": flops_full, "flops_per_sample_supervised_only_b1": flops_b1,
         "flops_per_sample_supervised_only": flops_kept,
         "memory": memory,
+        "qlora_weights_gib_by_part": {k: v / 2**30 for k, v in qlora_parts.items()},
+        "qlora_4bit_parameters": n_4bit,
         "reference": {
             "samples_per_s": REFERENCE_SAMPLES_PER_S, "model_tflops_per_s": ref_tflops,
             "assumed_peak_tflops": peak_tflops_assumed, "implied_mfu": ref_tflops / peak_tflops_assumed,
@@ -951,6 +975,9 @@ def format_estimate(est: dict) -> str:
         lines.append(f"  {name}: {m['weights_gib']:.2f} | {m['lora_and_optimizer_gib']:.2f} | "
                      f"{m['activations_gib']:.2f} ({m['logits_saved_gib']:.2f}) | {m['backward_transient_gib']:.2f} | "
                      f"{m['deepspeed_buffers_gib']:.2f} | {m['total_gib']:.1f}")
+    lines.append("  QLoRA weights (GiB): " + ", ".join(f"{k} {v:.2f}"
+                                                      for k, v in est["qlora_weights_gib_by_part"].items())
+                 + f" ({est['qlora_4bit_parameters'] / 1e9:.3f} B parameters in NF4)")
     m = next(iter(est["memory"].values()))
     lines.append(f"  (saved activations per decoder layer: up to {m['saved_per_layer_mib_max']:.0f} MiB per sample; "
                  f"all 42 layers without checkpointing: {m['saved_all_layers_no_ckpt_gib']:.2f} GiB per sample)")
