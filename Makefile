@@ -46,3 +46,14 @@ clean-notebooks:  ## strip outputs and volatile metadata from the committed note
 
 check-notebooks:  ## fail when a committed notebook carries outputs
 	$(BIN)/python -m actionft.notebooks check notebooks/*.ipynb
+
+# The GPU benchmark on a lent, bare GPU machine (docs/benchmarks.md, "Running it on the GPU machine").
+.PHONY: gpu-bundle gpu-rehearse gpu-merge
+gpu-bundle:  ## the wheels the GPU machine lacks, into .gpu-bundle/ (carried with the tree); fails above 60 MiB in all
+	$(PYTHON) bench/gpu_bundle.py
+
+gpu-rehearse: gpu-bundle  ## bench/gpu_check.sh here on CPU, in a fresh venv shaped like the GPU image (tiny model)
+	bash bench/gpu_rehearse.sh
+
+gpu-merge:  ## add a GPU run to docs/benchmarks.json: make gpu-merge FROM=<the folder gpu_check.sh wrote>
+	$(PYTHON) bench/gpu_records.py merge $(FROM)

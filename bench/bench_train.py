@@ -32,7 +32,8 @@ respect to activations only (one matmul per frozen linear instead of two), so pe
   frozen text linears      2*MACs forward + 2*MACs backward (dX only)            = 4 * MACs
   LoRA adapters (r=16)     2*r*(in+out) forward, 2x that backward (dX, dA, dB)   = 6 * r*(in+out)
   attention scores         4*heads*head_dim per (query, key) pair forward, 2x backward = 12 * heads*head_dim * pairs
-                           pairs: causal (sliding layers: at most `sliding_window` keys), + bidirectional image blocks
+                           pairs: causal (sliding layers: at most `sliding_window` keys); image blocks both ways
+                           only where `use_bidirectional_attention` is "vision" (not in the published E4B)
   LM head (tied, frozen)   4 * hidden * vocab per position that gets logits
   K/V-shared layers        (the last 18 of E4B) run only on the kept positions when logits are supervised-only
   per-layer-input projection, vision tower (valid patches), vision->text projection: forward only (frozen, no grad)
@@ -68,7 +69,7 @@ NUM_FRAMES = 4
 FRAME_SIZE = 336
 MAX_SOFT_TOKENS = 280
 E4B_PROMPT_TOKENS = 1051  # gemma4.md: four square frames + the Kinetics prompt at 280 soft tokens per frame
-E4B_END_OF_TURN_ID = 106  # placeholder id for `<turn|>` in the synthetic E4B inputs (any ordinary id does)
+E4B_END_OF_TURN_ID = 106  # `<turn|>` in the published tokenizer (the second eos id of the published config)
 ZERO2 = "params/deepspeed/zero2.json"
 
 # Dense bf16 peak (TFLOP/s) by device name, for MFU; override with --peak-tflops.
@@ -109,38 +110,30 @@ CONFIGURATIONS: dict[str, list[tuple[str, dict]]] = {
 
 # -- E4B architecture -----------------------------------------------------------------------------------------
 def e4b_config():
-    """`Gemma4Config` of google/gemma-4-e4b-it from its published numbers (gemma4.md); audio tower left out."""
-    from transformers import Gemma4Config
+    """`Gemma4Config` of google/gemma-4-e4b-it as published (`actionft.e4b`): text, vision and audio towers with the
+    release's flags (causal attention over images, clipped linears). One source of truth with the smoke run."""
+    from actionft.e4b import e4b_config as published
 
-    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 7
-    text = {
-        "vocab_size": 262144, "vocab_size_per_layer_input": 262144, "hidden_size": 2560,
-        "intermediate_size": 10240, "num_hidden_layers": 42, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "head_dim": 256, "global_head_dim": 512, "layer_types": layer_types, "sliding_window": 512,
-        "num_kv_shared_layers": 18, "hidden_size_per_layer_input": 256, "final_logit_softcapping": 30.0,
-        "tie_word_embeddings": True, "use_bidirectional_attention": "vision", "pad_token_id": 0,
-        "bos_token_id": 2, "eos_token_id": [1, E4B_END_OF_TURN_ID],
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
-        },
-    }
-    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 16, "num_attention_heads": 12,
-              "num_key_value_heads": 12, "head_dim": 64, "patch_size": 16, "pooling_kernel_size": 3}
-    return Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=None, boi_token_id=255999, eoi_token_id=258882,
-        image_token_id=258880, video_token_id=258884, boa_token_id=256000, eoa_token_index=258883,
-        audio_token_id=258881, tie_word_embeddings=True,
-    )
+    return published()
 
 
-def build_e4b(device: str | torch.device, dtype=torch.bfloat16, attn_implementation: str = "sdpa"):
-    """Gemma4ForConditionalGeneration with E4B's shapes and random weights, built directly on `device`."""
+def attn_per_submodel(value: str | dict | None = "sdpa", has_audio: bool = True):
+    """Per sub-model, as the project loads real checkpoints: text and vision `value`, the audio tower eager (it has
+    no SDPA path)."""
+    from actionft.modeling import attn_implementation_for
+
+    return attn_implementation_for(value, has_audio)
+
+
+def build_e4b(device: str | torch.device, dtype=torch.bfloat16, attn_implementation: str | dict | None = "sdpa"):
+    """Gemma4ForConditionalGeneration with E4B's published structure and random weights, built directly on `device`."""
     from transformers import Gemma4ForConditionalGeneration
 
+    config = e4b_config()
     with torch.device(device):
         return Gemma4ForConditionalGeneration._from_config(
-            e4b_config(), dtype=dtype, attn_implementation=attn_implementation
+            config, dtype=dtype,
+            attn_implementation=attn_per_submodel(attn_implementation, config.audio_config is not None),
         )
 
 
@@ -263,6 +256,7 @@ class FlopModel:
     vision_pair_flops: int  # per (patch, patch) pair, all encoder layers: 4 * hidden * layers
     embed_vision_macs: int  # per soft token
     lora_r: int = 16
+    bidirectional_images: bool = False  # use_bidirectional_attention "vision" (larger Gemma 4); E4B: causal
 
     @classmethod
     def from_model(cls, model, lora_r: int = 16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -299,6 +293,7 @@ class FlopModel:
             embed_vision_macs=inner.embed_vision.embedding_projection.in_features
             * inner.embed_vision.embedding_projection.out_features,
             lora_r=lora_r,
+            bidirectional_images=getattr(lm.config, "use_bidirectional_attention", None) == "vision",
         )
 
     @staticmethod
@@ -319,11 +314,11 @@ class FlopModel:
     def sample(self, length: int, kept: int, image_blocks: list[int], valid_patches: list[int],
                kept_shared: int | None = None) -> dict:
         """FLOPs of one sample of `length` real tokens whose last `kept` positions get logits and whose last
-        `kept_shared` (default: `kept`) go through the K/V-shared layers. image_blocks: lengths of the bidirectional
-        soft-token runs; valid_patches: valid patches per frame."""
+        `kept_shared` (default: `kept`) go through the K/V-shared layers. image_blocks: lengths of the soft-token runs
+        (attended both ways only with `bidirectional_images`); valid_patches: valid patches per frame."""
         kept = max(0, min(kept, length))
         kept_shared = kept if kept_shared is None else max(0, min(kept_shared, length))
-        bidir = sum(n * (n - 1) // 2 for n in image_blocks)
+        bidir = sum(n * (n - 1) // 2 for n in image_blocks) if self.bidirectional_images else 0
         parts = {"text_linear": 0, "lora": 0, "attention": 0}
         for layer in self.layers:
             tokens = kept_shared if layer.shared else length
@@ -456,6 +451,115 @@ def header() -> str:
     return "\n".join(lines)
 
 
+# -- the software stack actually present -----------------------------------------------------------------------
+OPTIONAL = ("deepspeed", "bitsandbytes")
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "huggingface_hub", "pydantic",
+            "numpy", *OPTIONAL)
+
+
+def importable(name: str) -> str | None:
+    """None when `import name` works, else why not (a missing package or a failing import, e.g. no CUDA build)."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001  (bitsandbytes/deepspeed fail in many ways on an unusual machine)
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+    return None
+
+
+def environment() -> dict:
+    """Python, device, CUDA and the version and location of every package the benchmark uses (None = absent)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    versions, where = {}, {}
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            versions[name] = None
+            continue
+        try:
+            versions[name] = md.version(name.replace("_", "-"))
+        except md.PackageNotFoundError:
+            versions[name] = "unknown"
+        if name in ("transformers", "peft", "accelerate", "torch"):
+            where[name] = str(Path(spec.origin).parent.parent)
+    return {"python": platform.python_version(), "device": device_name(), "torch_cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "packages": versions, "package_dirs": where}
+
+
+def zero_stage(deepspeed_config: str | None) -> int | None:
+    if not deepspeed_config:
+        return None
+    path = Path(deepspeed_config) if Path(deepspeed_config).is_absolute() else REPO / deepspeed_config
+    return json.loads(path.read_text()).get("zero_optimization", {}).get("stage")
+
+
+def fit_to_machine(params: dict) -> tuple[dict, list[str]]:
+    """What this machine can run of `params`: without DeepSpeed no ZeRO, without bitsandbytes a torch AdamW instead
+    of an 8-bit one. Returns the params and one line per substitution (recorded, not a failure)."""
+    params, notes = dict(params), []
+    if params.get("deepspeed"):
+        why = importable("deepspeed")
+        if why:
+            notes.append(f"deepspeed unavailable ({why}): ZeRO-{zero_stage(params['deepspeed'])} off")
+            params["deepspeed"] = None
+    if "8bit" in params.get("optim", "") or params.get("optim", "").startswith("paged_"):
+        why = importable("bitsandbytes")
+        if why:
+            notes.append(f"bitsandbytes unavailable ({why}): adamw_torch instead of {params['optim']}")
+            params["optim"] = "adamw_torch"
+    return params, notes
+
+
+def optimizer_class(optimizer) -> str:
+    """The optimizer doing the update, under the Accelerate/DeepSpeed wrappers."""
+    for _ in range(4):
+        if not hasattr(optimizer, "optimizer"):
+            break
+        optimizer = optimizer.optimizer
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+class SdpaProbe:
+    """Counts, per head dim, the SDPA kernel PyTorch picks for every call (`torch._fused_sdp_choice` on the call's
+    own arguments: the same choice the dispatcher makes), so the record says what ran on E4B's 512-wide
+    full-attention heads (flash attention stops at 256 on most GPUs)."""
+
+    def __init__(self):
+        from torch.nn.attention import SDPBackend
+
+        self.names = {int(b.value): name for name, b in SDPBackend.__members__.items()}
+        self.calls: dict[int, dict[str, int]] = {}
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        self._original = original = F.scaled_dot_product_attention
+
+        def probe(*args, **kwargs):
+            try:
+                name = self.names.get(int(torch._fused_sdp_choice(*args, **kwargs)), "unknown")
+            except Exception as err:  # noqa: BLE001  (an older torch: record that we could not tell)
+                name = f"unknown ({type(err).__name__})"
+            counts = self.calls.setdefault(int(args[0].shape[-1]), {})
+            counts[name] = counts.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        F.scaled_dot_product_attention = probe
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        F.scaled_dot_product_attention = self._original
+
+    def backends(self, head_dims) -> list[str]:
+        return sorted({name for d in head_dims for name in self.calls.get(int(d), {})})
+
+
 # -- one variant (runs in its own process) --------------------------------------------------------------------
 def run_variant(spec: dict) -> dict:
     """Train one variant for warmup + steps optimizer steps with the project's Trainer; return its record."""
@@ -465,17 +569,18 @@ def run_variant(spec: dict) -> dict:
     from actionft.train import build_model, make_trainer_class, resolve_config, training_arguments
 
     on_gpu = torch.cuda.is_available()
-    import bitsandbytes  # noqa: F401  (imported before the baseline: its import is not training memory)
     import peft  # noqa: F401
 
-    if spec["overrides"].get("deepspeed"):
-        import deepspeed  # noqa: F401
+    requested = {**COMMON, **spec["overrides"], "run_name": spec["run_name"], "output_root": spec["work_dir"],
+                 "model_id": "tiny" if spec["mode"] == "tiny" else "e4b-random", "data_path": "<synthetic pool>",
+                 "max_steps": spec["warmup"] + spec["steps"], "save_strategy": "no", "logging_steps": 1,
+                 "dataloader_num_workers": 0}
+    # imports bitsandbytes/deepspeed where present, before the baseline: their import is not training memory
+    params, substitutions = fit_to_machine(requested)
+    for note in substitutions:
+        print(f"on this machine: {note}", flush=True)
     baseline_rss = rss_bytes()
     stages = {"after_imports": baseline_rss}
-    params = {**COMMON, **spec["overrides"], "run_name": spec["run_name"], "output_root": spec["work_dir"],
-              "model_id": "tiny" if spec["mode"] == "tiny" else "e4b-random", "data_path": "<synthetic pool>",
-              "max_steps": spec["warmup"] + spec["steps"], "save_strategy": "no", "logging_steps": 1,
-              "dataloader_num_workers": 0}
     cfg = resolve_config(params)
     set_seed(cfg["seed"])
     if spec["mode"] == "tiny":
@@ -486,6 +591,8 @@ def run_variant(spec: dict) -> dict:
         pad_id = 0
     flop_model = FlopModel.from_model(base, cfg["lora_r"])
     first_shared = len(flop_model.layers) - sum(layer.shared for layer in flop_model.layers)
+    full_head_dims = sorted({layer.self_attn.head_dim for layer in base.model.language_model.layers
+                             if layer.self_attn.sliding_window is None})
     model = build_model(cfg, base)
     stages["model_built"] = rss_bytes()
 
@@ -533,7 +640,8 @@ def run_variant(spec: dict) -> dict:
     stages["before_train"] = rss_bytes()
     stages["peak_before_train"] = peak_rss_bytes()
     t0 = time.perf_counter()
-    trainer.train()
+    with SdpaProbe() as sdpa:
+        trainer.train()
     wall = time.perf_counter() - t0
     if hook is not None:
         hook.remove()
@@ -575,6 +683,16 @@ def run_variant(spec: dict) -> dict:
         "gradient_checkpointing": cfg["gradient_checkpointing"], "deepspeed": cfg["deepspeed"],
         "supervised_logits_only": cfg["supervised_logits_only"], "padding_side": cfg["padding_side"],
         "optim": cfg["optim"], "bf16": cfg["bf16"], "attn_implementation": cfg["attn_implementation"],
+        # what really ran where the machine lacks a package of the reference stack (recorded, not a failure)
+        "optimizer": cfg["optim"], "optimizer_class": optimizer_class(trainer.optimizer),
+        "zero_stage": zero_stage(cfg["deepspeed"]), "requested_optim": requested["optim"],
+        "requested_zero_stage": zero_stage(requested["deepspeed"]), "substitutions": substitutions,
+        "attn_per_submodel": {k: getattr(getattr(base.config, k, None), "_attn_implementation", None)
+                              for k in ("text_config", "vision_config", "audio_config")},
+        # SDPA kernel per head dim, as PyTorch chose it for each call; full attention = the 512-wide global heads
+        "sdpa_backends": {str(d): c for d, c in sorted(sdpa.calls.items())},
+        "full_attention_head_dims": full_head_dims,
+        "sdpa_backend_full_attention": sdpa.backends(full_head_dims),
         "tokens_per_sample": round(per_sample["tokens"], 1),
         "supervised_tokens_per_sample": round(per_sample["supervised_tokens"], 2),
         # positions the first K/V-shared layer ran on (observed by a hook) and what the FLOP count assumed
@@ -584,7 +702,7 @@ def run_variant(spec: dict) -> dict:
         "timed_seconds": round(seconds, 3), "train_wall_s": round(wall, 2),
         "rss_gib": None if on_gpu else {k: round(v / 2**30, 3)
                                         for k, v in {**stages, "peak": peak_rss_bytes()}.items()},
-        "torch": torch.__version__,
+        "torch": torch.__version__, "environment": environment(),
     }
 
 
@@ -693,12 +811,18 @@ def trace_saved_bytes(peft_model, batch: int, length: int, kept: int, inputs_req
     return {"layers": per_layer, "layer_inputs": inputs, **totals}
 
 
+# bitsandbytes NF4 with double quantization: 4 bits per weight, an 8-bit absmax per block of 64, and an fp32 scale
+# per 256 of those blocks
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
 def memory_estimate(peft_model, n_params: int, n_lora: int, batch: int, length: int, kept: int, ckpt: bool,
-                    zero2: bool, shortcut: bool = True) -> dict:
-    """Analytic peak-memory estimate (GiB) of one configuration; see `estimate()` for the assumptions."""
+                    zero2: bool, shortcut: bool = True, weight_bytes: float | None = None) -> dict:
+    """Analytic peak-memory estimate (GiB) of one configuration; see `estimate()` for the assumptions.
+    `weight_bytes`: the stored weights when they are not all bf16 (a 4-bit base)."""
     trace = trace_saved_bytes(peft_model, batch, length, kept, inputs_require_grad=ckpt, shortcut=shortcut)
     vocab = peft_model.get_base_model().config.text_config.vocab_size
-    weights = n_params * 2
+    weights = n_params * 2 if weight_bytes is None else weight_bytes
     lora_state = n_lora * (2 + 4 + 4 + 2 + 2 * 4 / 256)  # bf16 copy, fp32 master, fp32 grad, 8-bit m and v + absmax
     if ckpt:
         # kept: every layer's input (hidden states); transient: one layer's activations during its recomputation
@@ -744,6 +868,16 @@ def estimate(peak_tflops_assumed: float = ASSUMED_PEAK_TFLOPS, seed: int = 0) ->
                                                                                           "projection + norms")
         counts[part] = counts.get(part, 0) + p.numel()
     n_params = sum(counts.values())
+    # QLoRA (load_in_4bit): the language model's linear layers in NF4, everything else bf16 (modeling.NOT_QUANTIZED)
+    n_4bit = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.startswith("model.language_model."))
+    qlora_parts = {"4-bit text linears": n_4bit * NF4_BYTES_PER_PARAM,
+                   "per-layer embedding table (bf16)": counts.get("text per-layer embeddings (PLE table)", 0) * 2,
+                   "embed_tokens / LM head (bf16)": counts.get("text embed_tokens (tied LM head)", 0) * 2}
+    qlora_parts["the rest in bf16 (towers, norms, projections)"] = (
+        (n_params - n_4bit) * 2 - qlora_parts["per-layer embedding table (bf16)"]
+        - qlora_parts["embed_tokens / LM head (bf16)"])
+    qlora_weights = sum(qlora_parts.values())
     flop_model = FlopModel.from_model(model)
     n_shared = sum(layer.shared for layer in flop_model.layers)
     pool = e4b_pool(64, seed, pixels=False)
@@ -768,6 +902,12 @@ def estimate(peak_tflops_assumed: float = ASSUMED_PEAK_TFLOPS, seed: int = 0) ->
         "lowmem (b1 x 8, ckpt, supervised-only logits)":
             memory_estimate(peft_ckpt, n_params, n_lora, 1, length, kept1, ckpt=True, zero2=False, shortcut=False),
     }
+    memory["qlora: params/gemma4_e4b_qlora.yaml (b1 x 8, ckpt, ZeRO-2, supervised-only logits)"] = memory_estimate(
+        peft_ckpt, n_params, n_lora, 1, length, kept1, ckpt=True, zero2=True, shortcut=False,
+        weight_bytes=qlora_weights)
+    memory["qlora with full logits (b1 x 8, ckpt, ZeRO-2)"] = memory_estimate(
+        peft_ckpt, n_params, n_lora, 1, length, length, ckpt=True, zero2=True, shortcut=False,
+        weight_bytes=qlora_weights)
     peft_plain = e4b_meta_peft(ckpt=False)
     memory["fastest candidate (b8 x 1, no ckpt, supervised-only)"] = memory_estimate(
         peft_plain, n_params, n_lora, 8, length, kept8, ckpt=False, zero2=False)
@@ -789,6 +929,8 @@ def estimate(peak_tflops_assumed: float = ASSUMED_PEAK_TFLOPS, seed: int = 0) ->
         "flops_per_sample_full_logits": flops_full, "flops_per_sample_supervised_only_b1": flops_b1,
         "flops_per_sample_supervised_only": flops_kept,
         "memory": memory,
+        "qlora_weights_gib_by_part": {k: v / 2**30 for k, v in qlora_parts.items()},
+        "qlora_4bit_parameters": n_4bit,
         "reference": {
             "samples_per_s": REFERENCE_SAMPLES_PER_S, "model_tflops_per_s": ref_tflops,
             "assumed_peak_tflops": peak_tflops_assumed, "implied_mfu": ref_tflops / peak_tflops_assumed,
@@ -833,6 +975,9 @@ def format_estimate(est: dict) -> str:
         lines.append(f"  {name}: {m['weights_gib']:.2f} | {m['lora_and_optimizer_gib']:.2f} | "
                      f"{m['activations_gib']:.2f} ({m['logits_saved_gib']:.2f}) | {m['backward_transient_gib']:.2f} | "
                      f"{m['deepspeed_buffers_gib']:.2f} | {m['total_gib']:.1f}")
+    lines.append("  QLoRA weights (GiB): " + ", ".join(f"{k} {v:.2f}"
+                                                      for k, v in est["qlora_weights_gib_by_part"].items())
+                 + f" ({est['qlora_4bit_parameters'] / 1e9:.3f} B parameters in NF4)")
     m = next(iter(est["memory"].values()))
     lines.append(f"  (saved activations per decoder layer: up to {m['saved_per_layer_mib_max']:.0f} MiB per sample; "
                  f"all 42 layers without checkpointing: {m['saved_all_layers_no_ckpt_gib']:.2f} GiB per sample)")
@@ -852,7 +997,7 @@ def format_estimate(est: dict) -> str:
 # -- orchestration --------------------------------------------------------------------------------------------
 def markdown_table(records: list[dict]) -> str:
     cols = ["configuration", "variant", "samples/s", "supervised tok/s", "tokens/s", "peak mem GiB", "MFU",
-            "TFLOP/sample", "loss", "steps"]
+            "TFLOP/sample", "loss", "steps", "optimizer", "ZeRO", "SDPA on full attention"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         if "error" in r:
@@ -862,7 +1007,8 @@ def markdown_table(records: list[dict]) -> str:
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         lines.append(f"| {r['configuration']} | {r['variant']} | {r['samples_per_s']:.3f} | "
                      f"{r['supervised_tokens_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.3f} | {mfu} | "
-                     f"{r['flops_per_sample'] / 1e12:.4g} | {r['loss']} | {r['steps']} |")
+                     f"{r['flops_per_sample'] / 1e12:.4g} | {r['loss']} | {r['steps']} | {r.get('optimizer')} | "
+                     f"{r.get('zero_stage') or 'off'} | {', '.join(r.get('sdpa_backend_full_attention') or ['n/a'])} |")
     return "\n".join(lines)
 
 
@@ -903,6 +1049,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-soft-tokens", type=int, default=MAX_SOFT_TOKENS,
                    help="soft tokens per frame (tiny mode only; 70 makes a quicker smoke test)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument("--budget", type=int, default=None,
+                   help="seconds for all variants: each gets at most what is left, none starts with less than "
+                        "--min-variant-s left (records are written after every variant)")
+    p.add_argument("--min-variant-s", type=int, default=60, help="see --budget")
+    p.add_argument("--md-out", default=None, help="also write the markdown table here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -941,8 +1092,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"samples: {stats['tokens_mean']:.0f} tokens on average ({stats['tokens_min']}-{stats['tokens_max']}), "
           f"{stats['supervised_mean']:.1f} supervised, {stats['soft_tokens_per_sample']} image soft tokens, "
           f"pixel_values {stats['pixel_values']} per sample", flush=True)
-    plan = [(c, name, ov) for c in args.configs.split(",") for name, ov in
-            (CONFIGURATIONS[c] if variants == "all" else CONFIGURATIONS[c][:1])]
+    configs = args.configs.split(",")
+    if unknown := [c for c in configs if c not in CONFIGURATIONS]:
+        p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGURATIONS)}")
+    # the first candidate of every configuration first (reference, fastest, lowmem), the others as time allows
+    plan = [(c, *CONFIGURATIONS[c][0]) for c in configs]
+    if variants == "all":
+        plan += [(c, name, ov) for c in configs for name, ov in CONFIGURATIONS[c][1:]]
     if args.dry_run:
         for c, name, ov in plan:
             print(f"  would run {c}: {name}  {ov}")
@@ -954,26 +1110,55 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     results: dict[str, list[dict]] = {}
+    skipped: list[dict] = []
+    deadline = time.monotonic() + args.budget if args.budget else None
+    md_out = Path(args.md_out) if args.md_out and Path(args.md_out).is_absolute() else (
+        REPO / args.md_out if args.md_out else None)
+
+    def write_records() -> list[dict]:
+        """Written after every variant, so a run stopped from outside keeps what it measured."""
+        records = [choose(c, rs) for c, rs in results.items()] + skipped
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=1))
+        if md_out:
+            md_out.parent.mkdir(parents=True, exist_ok=True)
+            md_out.write_text(markdown_table([r for r in records if "skipped" not in r]) + "\n")
+        return records
+
+    no_deepspeed = importable("deepspeed") if any(ov.get("deepspeed") for _, _, ov in plan) else None
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         pool_file = Path(tmp) / "pool.pt"
         torch.save(pool, pool_file)
         del pool
         gc.collect()
         for i, (configuration, name, overrides) in enumerate(plan):
+            first = name == CONFIGURATIONS[configuration][0][0]
+            left = None if deadline is None else deadline - time.monotonic()
+            why_skip = None
+            if no_deepspeed and overrides.get("deepspeed") and not first:
+                why_skip = "DeepSpeed unavailable: the same as the candidate without ZeRO"
+            elif left is not None and left < args.min_variant_s:
+                why_skip = f"time budget: {max(0, left):.0f} s left of {args.budget} s"
+            if why_skip:
+                print(f"  {configuration:<9} {name:<28} skipped ({why_skip})", flush=True)
+                skipped.append({"configuration": configuration, "variant": name, "skipped": why_skip})
+                write_records()
+                continue
             spec = {"mode": mode, "configuration": configuration, "variant": name, "overrides": overrides,
                     "steps": steps, "warmup": warmup, "pool_file": str(pool_file), "work_dir": tmp,
                     "run_name": f"v{i}", "record_file": str(Path(tmp) / f"record{i}.json"),
                     "peak_tflops": args.peak_tflops}
             log = Path(tmp) / f"variant{i}.log"
+            timeout = args.timeout if left is None else max(1, min(args.timeout, int(left)))
             t0 = time.perf_counter()
             with open(log, "w") as fh:
                 env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                        "TOKENIZERS_PARALLELISM": "false"}
                 try:
                     rc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=fh,
-                                        stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=args.timeout).returncode
+                                        stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout).returncode
                 except subprocess.TimeoutExpired:
-                    rc = "timeout"
+                    rc = f"timeout after {timeout} s"
             record_file = Path(spec["record_file"])
             if rc == 0 and record_file.is_file():
                 record = json.loads(record_file.read_text())
@@ -987,8 +1172,9 @@ def main(argv: list[str] | None = None) -> int:
             status = record.get("error") or (f"{record['samples_per_s']:.3f} samples/s, "
                                              f"peak {record['peak_mem_gb']:.3f} GiB, loss {record['loss']}")
             print(f"  {configuration:<9} {name:<28} {status}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            write_records()
 
-    records = [choose(c, rs) for c, rs in results.items()]
+    records = [r for r in write_records() if "skipped" not in r]
     print("\n" + markdown_table(records))
     ok = {r["configuration"]: r for r in records if "error" not in r}
     if "reference" in ok:
@@ -999,10 +1185,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"samples/s on this device; final loss {r['loss']} vs reference {ref['loss']}")
     if mode == "tiny":
         print("(tiny model on this device: a smoke test of the code paths; not comparable with GPU numbers)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    return 0 if all("error" not in r for r in records) else 1
+    if not records:
+        print("no variant was measured", file=sys.stderr)
+    return 0 if records and all("error" not in r for r in records) else 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ HELP = {
     "synth": "generate the embedded action dataset (videos, frames, JSON, metadata)",
     "validate": "check a reference-format dataset and every frame it points to",
     "prepare": "extract frames from raw videos into a reference-format dataset",
+    "compare": "line up training runs: differing parameters, losses, held-out metrics",
 }
 
 
