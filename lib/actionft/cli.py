@@ -45,6 +45,9 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from actionft import quiet
+
+    quiet.install()
     args = build_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)

@@ -46,6 +46,24 @@ def run_notebooks(params: dict[str, Any], selection: list[str] | None = None, ke
                   cell_timeout: int = 3600,
                   progress: bool = True) -> list[dict[str, Any]]:
     """Execute the notebooks in order with the params each one declares; stop at the first failure."""
+    import os
+
+    from actionft.quiet import TEXT_PROGRESS_ENV
+
+    # the kernels inherit this: no browser renders widget bars in an executed copy, so bars are text there
+    before = os.environ.get(TEXT_PROGRESS_ENV)
+    os.environ[TEXT_PROGRESS_ENV] = "1"
+    try:
+        return _run_notebooks(params, selection, kernel, cell_timeout, progress)
+    finally:
+        if before is None:
+            os.environ.pop(TEXT_PROGRESS_ENV, None)
+        else:
+            os.environ[TEXT_PROGRESS_ENV] = before
+
+
+def _run_notebooks(params: dict[str, Any], selection: list[str] | None, kernel: str, cell_timeout: int,
+                   progress: bool) -> list[dict[str, Any]]:
     import papermill
 
     run_name = params.get("run_name", "run")
