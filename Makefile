@@ -28,7 +28,7 @@ demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, exe
 	$(BIN)/actionft run --params $(PARAMS)
 
 test: setup  ## unit tests + every notebook re-executed by nbval
-	$(BIN)/python -m pytest tests notebooks -m "not smoke" --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(BIN)/python -m pytest tests notebooks -m "not smoke" --nbval-lax --nbval-current-env
 
 lab: setup  ## JupyterLab at the repository root, opened on notebooks/, with the project's environment
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks

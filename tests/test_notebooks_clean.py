@@ -1,6 +1,6 @@
 """Committed notebooks are clean (no outputs, execution counts or volatile metadata) and have one `parameters`
-cell; the git filter keeps them clean when a notebook is run and saved in JupyterLab; the nbval sanitize file masks
-volatile text and nothing else."""
+cell; the git filter keeps them clean when a notebook is run and saved in JupyterLab. Notebooks check what they teach
+with their own asserts (nbval compares no outputs: none are committed), so no output markers are left."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from actionft.notebooks import (KERNELSPEC, clean_notebook, clean_text, committe
                                 list_notebooks, print_run_results)
 
 ROOT = Path(__file__).parents[1]
-SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
 NOTEBOOKS = list_notebooks()
 
 
@@ -158,15 +157,6 @@ def test_git_filter_keeps_lab_saves_out_of_commits(tmp_path):
     assert nbformat.reads(staged, as_version=4).metadata["kernelspec"] == KERNELSPEC
 
 
-# -- the nbval sanitize file ----------------------------------------------------------------------------------
-def sanitize(text: str) -> str:
-    from nbval.plugin import get_sanitize_patterns  # exactly how nbval reads the file
-
-    for regex, replace in get_sanitize_patterns(SANITIZE.read_text()):
-        text = re.sub(regex, replace, text)
-    return text
-
-
 def test_run_ends_with_the_headline_numbers_it_wrote(tmp_path, capsys):
     import json
     import time
@@ -183,48 +173,18 @@ def test_run_ends_with_the_headline_numbers_it_wrote(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_sanitize_file_parses():
-    from nbval.plugin import get_sanitize_patterns
-
-    patterns = get_sanitize_patterns(SANITIZE.read_text())
-    assert len(patterns) == SANITIZE.read_text().count("\nregex: ") >= 8
-    for regex, _ in patterns:
-        re.compile(regex)
-
-
-@pytest.mark.parametrize(("a", "b"), [
-    ("render clips: 100%|##########| 540/540 [00:03<00:00, 150.21it/s]",
-     "render clips: 100%|##########| 540/540 [00:05<00:00, 98.70it/s]"),
-    ("train:  40%|####      | 64/162 [01:02:03<?, ?it/s]", "train:  40%|####      | 64/162 [00:59<?, ?it/s]"),
-    ("epoch 1 [00:10<00:20, 3.21s/it, loss=1.25]", "epoch 1 [00:12<00:18, 2.90s/it, loss=1.25]"),
-    ("throughput 12.5 samples/s, 1.6 steps/s", "throughput 9.25 samples/s, 1.15 steps/s"),
-    ("{'train_runtime': 5026.56, 'train_loss': 1.81}", "{'train_runtime': 12.3, 'train_loss': 1.81}"),
-    ("written 2025-06-01T12:34:56.789Z", "written 2026-01-13 08:00:01+02:00"),
-    ("run of 2025-06-01 at 12:34:56", "run of 2026-01-13 at 08:00:01"),
-    ("done in 12.3 s", "done in 4 s"),
-    ("ran 3 notebook(s) in 97s: 01 12s, 02 30s", "ran 3 notebook(s) in 101s: 01 9s, 02 41s"),
-    ("took 350 ms", "took 12 ms"),
-    ("<Figure object at 0x7f3a2c1b5e50>", "<Figure object at 0x55d0c0ffee00>"),
-    ("wrote /tmp/pytest-of-me/pytest-3/ds0/data.json", "wrote /tmp/tmpab12cd34/data.json"),
-    ("cache /private/var/folders/xy/abc123/T/run, ok", "cache /tmp/run_17, ok"),
-])
-def test_sanitize_masks_volatile_text(a, b):
-    assert a != b
-    assert sanitize(a) == sanitize(b), (sanitize(a), sanitize(b))
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_dead_output_markers(notebook):
+    """nbval compares a marked cell's fresh output with its stored one; committed notebooks store none, so a marker
+    would check nothing while looking like a check."""
+    nb = nbformat.read(str(notebook), as_version=4)
+    assert not [c.id for c in nb.cells if "NBVAL_CHECK_OUTPUT" in c.source]
 
 
-@pytest.mark.parametrize("stable", [
-    "samples per split: {'train': 432, 'val': 54, 'test': 54}",
-    "clips: 540  frames: 2160  videos: 0",
-    "stored 192x192 -> model input 128x128 (patch 16, pooling 3, budget 70)",
-    "16 samples: supervised tokens == answer + <turn|>, at the end of the sequence",
-    "supervised tokens per sample: [6, 7, 8]",
-    "soft tokens per frame: [64, 64, 64, 64]",
-    "train 432 / val 54 / test 54 samples",
-    "effective batch 8, optimizer steps 162",
-    "top1 0.9259  BLEU-4 0.4512  loss 1.8100",
-    "label_smoothing 0.1, lr 2e-4, lora_r 16 -> 2 steps",
-    "outputs/tiny/notebooks/01_explore_dataset.ipynb",
-])
-def test_sanitize_leaves_stable_text_alone(stable):
-    assert sanitize(stable) == stable
+@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb.name[:2] in ("01", "03", "05", "06")],
+                         ids=lambda p: p.stem)
+def test_notebook_asserts_what_it_teaches(notebook):
+    nb = nbformat.read(str(notebook), as_version=4)
+    asserts = [line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
+               if line.strip().startswith("assert ")]
+    assert len(asserts) >= 2, f"{notebook.name}: {asserts}"

@@ -67,7 +67,7 @@ def test_text_progress_replaces_the_widget_bar():
         quiet.install()
         print(tqdm.auto.tqdm is tqdm.std.tqdm)
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), quiet.TEXT_PROGRESS_ENV: "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), quiet.HEADLESS_ENV: "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 

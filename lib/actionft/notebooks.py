@@ -48,18 +48,18 @@ def run_notebooks(params: dict[str, Any], selection: list[str] | None = None, ke
     """Execute the notebooks in order with the params each one declares; stop at the first failure."""
     import os
 
-    from actionft.quiet import TEXT_PROGRESS_ENV
+    from actionft.quiet import HEADLESS_ENV
 
     # the kernels inherit this: no browser renders widget bars in an executed copy, so bars are text there
-    before = os.environ.get(TEXT_PROGRESS_ENV)
-    os.environ[TEXT_PROGRESS_ENV] = "1"
+    before = os.environ.get(HEADLESS_ENV)
+    os.environ[HEADLESS_ENV] = "1"
     try:
         return _run_notebooks(params, selection, kernel, cell_timeout, progress)
     finally:
         if before is None:
-            os.environ.pop(TEXT_PROGRESS_ENV, None)
+            os.environ.pop(HEADLESS_ENV, None)
         else:
-            os.environ[TEXT_PROGRESS_ENV] = before
+            os.environ[HEADLESS_ENV] = before
 
 
 def _run_notebooks(params: dict[str, Any], selection: list[str] | None, kernel: str, cell_timeout: int,

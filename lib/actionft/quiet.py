@@ -36,7 +36,13 @@ LOG_MESSAGES = [
      "said on every machine without a CUDA GPU: training runs on the CPU, as notebook 04 and the CLI report"),
 ]
 
-TEXT_PROGRESS_ENV = "ACTIONFT_TEXT_PROGRESS"
+# Set by `actionft run` for the kernels it starts: no browser will render widgets in the executed copies.
+HEADLESS_ENV = "ACTIONFT_HEADLESS"
+
+
+def headless() -> bool:
+    """True in a kernel that `actionft run` (papermill) started: widgets will not be rendered."""
+    return os.environ.get(HEADLESS_ENV) == "1"
 
 
 class _DropMessages(logging.Filter):
@@ -64,7 +70,7 @@ def install() -> None:
     for name, prefixes in by_logger.items():
         logging.getLogger(name).addFilter(_DropMessages(prefixes))
     _installed = True
-    if os.environ.get(TEXT_PROGRESS_ENV) == "1":
+    if headless():
         use_text_progress()
 
 
