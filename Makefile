@@ -30,8 +30,10 @@ demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, exe
 test: setup  ## unit tests + every notebook re-executed by nbval
 	$(BIN)/python -m pytest tests notebooks -m "not smoke" --nbval-lax --nbval-current-env
 
+# tests/test_browser.py starts JupyterLab with these same arguments
+LAB_ARGS := --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 lab: setup  ## JupyterLab at the repository root, opened on notebooks/, with the project's environment
-	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
+	$(BIN)/jupyter lab $(LAB_ARGS)
 
 smoke-e4b: $(STAMP)  ## the reference recipe at E4B's full width (4 layers, random weights) on the Kinetics-3K sample, on CPU
 	$(BIN)/python -m pytest tests/test_smoke_e4b.py -m smoke -s -q
