@@ -59,6 +59,9 @@ def lab(tmp_path_factory):
     settings = home / "settings" / "@jupyterlab" / "docmanager-extension"
     settings.mkdir(parents=True)
     (settings / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
+    news = home / "settings" / "@jupyterlab" / "apputils-extension"  # no "receive news?" toast over the menus
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
     port, token = free_port(), "actionft-browser-test"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "JUPYTER_CONFIG_DIR": str(home),
            "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "HF_HUB_OFFLINE": "1"}
@@ -103,6 +106,18 @@ def page(lab):
         pg.wait_for_selector(".jp-DirListing-content", timeout=120_000)
         yield pg
         browser.close()
+
+
+def test_lab_opens_the_repo_root_on_notebooks(page):
+    """Like `make lab`: the file browser starts in notebooks/, and the repository root (outputs/, params/, the
+    README) is one click up."""
+    listing = page.locator(".jp-DirListing-content")
+    listing.get_by_text("01_explore_dataset.ipynb").wait_for()
+    assert "/lab/tree/notebooks" in page.url or "notebooks" in page.locator(".jp-BreadCrumbs").inner_text()
+    page.locator(".jp-BreadCrumbs-home").click()
+    for name in ("notebooks", "outputs", "params", "README.md"):
+        listing.get_by_text(name, exact=True).first.wait_for()
+    page.screenshot(path=str(SHOTS / "lab_root.png"))
 
 
 def prompts(page) -> list[str]:
