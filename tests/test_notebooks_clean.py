@@ -188,3 +188,22 @@ def test_notebook_asserts_what_it_teaches(notebook):
     asserts = [line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
                if line.strip().startswith("assert ")]
     assert len(asserts) >= 2, f"{notebook.name}: {asserts}"
+
+
+def test_executed_copy_keeps_the_final_state_of_text_bars(tmp_path):
+    from actionft.notebooks import collapse_carriage_returns, tidy_executed_copy
+
+    assert collapse_carriage_returns("\rtrain:  50%|#  | 1/2\rtrain: 100%|##| 2/2\n") == "train: 100%|##| 2/2\n"
+    assert collapse_carriage_returns("\rvalidate: 100%|##| 2/2\r          \r\ndone\n") == "done\n"
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=f"\rscore: {k}/3") for k in range(4)] + [
+        nbformat.v4.new_output("stream", name="stderr", text="\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="accuracy 0.8\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="\rvalidate: 1/1\r      \r")]
+    nb.cells = [cell]
+    path = tmp_path / "run.ipynb"
+    nbformat.write(nb, str(path))
+    tidy_executed_copy(path)
+    outs = nbformat.read(str(path), as_version=4).cells[0].outputs
+    assert [(o.name, o.text) for o in outs] == [("stderr", "score: 3/3\n"), ("stdout", "accuracy 0.8\n")]

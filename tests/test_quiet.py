@@ -62,10 +62,10 @@ def test_paged_optimizer_on_cpu_trains_without_the_warning():
 
 def test_text_progress_replaces_the_widget_bar():
     code = textwrap.dedent("""
-        import tqdm.auto, tqdm.std
+        import tqdm.auto, tqdm.notebook, tqdm.std
         from actionft import quiet
         quiet.install()
-        print(tqdm.auto.tqdm is tqdm.std.tqdm)
+        print(issubclass(tqdm.auto.tqdm, tqdm.std.tqdm) and tqdm.auto.tqdm is not tqdm.notebook.tqdm)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), quiet.HEADLESS_ENV: "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

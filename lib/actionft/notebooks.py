@@ -85,11 +85,48 @@ def _run_notebooks(params: dict[str, Any], selection: list[str] | None, kernel: 
                 f"{nb.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                 f"  the executed copy with the traceback is {out_dir / nb.name}"
             ) from None
+        tidy_executed_copy(out_dir / nb.name)
         seconds = round(time.time() - start, 1)
         results.append({"notebook": nb.name, "seconds": seconds})
         print(f"    done in {seconds} s", flush=True)
     (out_dir / "run_summary.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def collapse_carriage_returns(text: str) -> str:
+    """Stream text as a terminal leaves it: on each line, what follows the last carriage return. A text progress bar
+    becomes its final state; a bar that erased itself (leave=False) disappears."""
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            line = next((part for part in reversed(line.split("\r")) if part), "")
+            if not line.strip():
+                continue
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def tidy_executed_copy(path: Path) -> None:
+    """Merge each cell's consecutive stream outputs (a text bar arrives as one output per update) and keep what a
+    terminal would show, so an executed copy reads well in any viewer."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for out in cell.outputs:
+            if out.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                    and merged[-1].name == out.name:
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = collapse_carriage_returns(out.text)
+        cell.outputs = [o for o in merged if not (o.output_type == "stream" and not o.text.strip())]
+    nbformat.write(nb, str(path))
 
 
 # -- keeping committed notebooks clean ------------------------------------------------------------------------

@@ -80,8 +80,13 @@ def use_text_progress() -> None:
     import tqdm.auto
     import tqdm.std
 
-    tqdm.auto.tqdm = tqdm.std.tqdm
-    tqdm.auto.trange = tqdm.std.trange
+    class TextBar(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("mininterval", 5.0)  # each update is one output in the notebook: few of them
+            super().__init__(*args, **kwargs)
+
+    tqdm.auto.tqdm = TextBar
+    tqdm.auto.trange = lambda *args, **kwargs: TextBar(range(*args), **kwargs)
 
 
 @contextlib.contextmanager
