@@ -69,6 +69,8 @@ def lab(tmp_path_factory):
     cmd = [sys.executable, "-m", "jupyterlab", *lab_arguments(), "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
            f"--LabApp.user_settings_dir={home / 'settings'}", f"--LabApp.workspaces_dir={home / 'workspaces'}"]
+    if os.geteuid() == 0:  # CI runs as root; JupyterLab refuses that unless told
+        cmd.append("--allow-root")
     log = (home / "lab.log").open("w")
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
