@@ -130,15 +130,26 @@ def open_and_run(page, lab, name: str) -> None:
     """Open notebooks/<name> in the lab, Run > Run All Cells, and wait until the kernel has worked through the
     queue (every cell run, or the rest cancelled after an error)."""
     page.goto(f"{lab['url']}/lab/tree/notebooks/{name}?reset")
-    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=120_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)  # kernel up
+    deadline = time.time() + 180
+    while True:  # until the notebook is shown and its kernel is up
+        chooser = page.locator(".jp-Dialog", has_text="Select Kernel")
+        if chooser.count():  # JupyterLab may ask; the project's Python 3 kernel is preselected
+            chooser.locator("button.jp-mod-accept").click()
+        ready = page.locator(".jp-Notebook .jp-CodeCell").count() and page.locator(
+            ".jp-Notebook-ExecutionIndicator[data-status='idle']").count()
+        if ready:
+            break
+        if time.time() > deadline:
+            page.screenshot(path=str(SHOTS / name.replace(".ipynb", ".open.png")))
+            pytest.fail(f"{name}: the notebook or its kernel did not come up")
+        time.sleep(1)
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
     deadline = time.time() + NOTEBOOK_TIMEOUT_S
     started = False
     while time.time() < deadline:
         shown = prompts(page)
-        started = started or any(p != "[ ]:" for p in shown)
+        started = started or any(p not in ("[ ]:", "") for p in shown)
         idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
         if started and idle and "[*]:" not in shown:
             return
