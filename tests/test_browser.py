@@ -143,13 +143,18 @@ def open_and_run(page, lab, name: str) -> None:
             page.screenshot(path=str(SHOTS / name.replace(".ipynb", ".open.png")))
             pytest.fail(f"{name}: the notebook or its kernel did not come up")
         time.sleep(1)
+    page.locator(".jp-Notebook .jp-CodeCell .jp-InputArea-prompt").first.click()  # the notebook is the active tab
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+    page.locator(".lm-Menu-item:not(.lm-mod-disabled) .lm-Menu-itemLabel",
+                 has_text=re.compile(r"^Run All Cells$")).click()
     deadline = time.time() + NOTEBOOK_TIMEOUT_S
-    started = False
+    started, clicked = False, time.time()
     while time.time() < deadline:
         shown = prompts(page)
         started = started or any(p not in ("[ ]:", "") for p in shown)
+        if not started and time.time() - clicked > 120:
+            page.screenshot(path=str(SHOTS / name.replace(".ipynb", ".not_started.png")), full_page=True)
+            pytest.fail(f"{name}: Run All Cells did not start the cells: {shown[:5]}")
         idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
         if started and idle and "[*]:" not in shown:
             return
