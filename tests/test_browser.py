@@ -237,11 +237,17 @@ def check_sample_browser(page) -> None:
         handle.press("ArrowRight")
     moved = wait_for_change(page, first)
     assert not moved.startswith("1 of "), moved
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+    figure = widget.locator(".widget-output img").last
+    before_filter = figure.get_attribute("src")
     widget.locator("select").first.select_option("shrink")
     shrink = wait_for_change(page, moved)
     assert re.match(r"1 of \d+: \[\w+\] shrink", shrink), shrink
-    figure = widget.locator(".jp-OutputArea-output img, .widget-output img").last
-    assert figure.is_visible()
+    deadline = time.time() + 120  # the label changes at once; the new figure comes from the kernel
+    while figure.get_attribute("src") == before_filter and time.time() < deadline:
+        time.sleep(0.5)
+    assert figure.is_visible() and figure.get_attribute("src") != before_filter, "the figure did not change"
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
     page.screenshot(path=str(SHOTS / "02_sample_browser.png"), full_page=False)
     summary = {"first": first, "after_next": second, "after_slider": moved, "after_filter": shrink}
     (SHOTS / "02_sample_browser.json").write_text(json.dumps(summary, indent=1))
