@@ -9,7 +9,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test smoke-e4b lab bench tiny-base clean-notebooks check-notebooks
 
-setup: $(STAMP)
+# Git runs filters from the top of the working tree, so the relative path serves every clone and worktree.
+NBSTRIP := .venv/bin/python -m actionft.notebooks clean --stdin
+
+setup: $(STAMP)  ## .venv, and the git filter that strips notebook outputs on `git add` (.gitattributes)
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git config filter.nbstrip.clean "$(NBSTRIP)" && git config filter.nbstrip.smudge cat && \
+		echo "git filter nbstrip: notebooks/*.ipynb are committed without outputs"; fi
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
@@ -21,11 +27,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, executed copies in outputs/<run>/
 	$(BIN)/actionft run --params $(PARAMS)
 
-test: $(STAMP)  ## unit tests + every notebook re-executed by nbval
-	$(BIN)/python -m pytest tests notebooks -m "not smoke" --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+test: setup  ## unit tests + every notebook re-executed by nbval
+	$(BIN)/python -m pytest tests notebooks -m "not smoke" --nbval-lax --nbval-current-env
 
-lab: $(STAMP)  ## JupyterLab on the notebooks with the project's environment
-	$(BIN)/jupyter lab notebooks/
+# tests/test_browser.py starts JupyterLab with these same arguments
+LAB_ARGS := --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
+lab: setup  ## JupyterLab at the repository root, opened on notebooks/, with the project's environment
+	$(BIN)/jupyter lab $(LAB_ARGS)
 
 smoke-e4b: $(STAMP)  ## the reference recipe at E4B's full width (4 layers, random weights) on the Kinetics-3K sample, on CPU
 	$(BIN)/python -m pytest tests/test_smoke_e4b.py -m smoke -s -q
@@ -44,8 +52,8 @@ tiny-base: $(STAMP)  ## rebuild the packaged tiny base with the commands and see
 clean-notebooks:  ## strip outputs and volatile metadata from the committed notebooks
 	$(BIN)/python -m actionft.notebooks clean notebooks/*.ipynb
 
-check-notebooks:  ## fail when a committed notebook carries outputs
-	$(BIN)/python -m actionft.notebooks check notebooks/*.ipynb
+check-notebooks:  ## fail when what git would commit for a notebook carries outputs
+	$(BIN)/python -m actionft.notebooks check --staged notebooks/*.ipynb
 
 # The GPU benchmark on a lent, bare GPU machine (docs/benchmarks.md, "Running it on the GPU machine").
 .PHONY: gpu-bundle gpu-rehearse gpu-merge

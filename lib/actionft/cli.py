@@ -79,6 +79,9 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from actionft import quiet
+
+    quiet.install()
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(_command_of(argv), lazy=True).parse_args(argv)

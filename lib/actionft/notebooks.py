@@ -48,6 +48,24 @@ def run_notebooks(params: dict[str, Any], selection: list[str] | None = None, ke
     """Execute the notebooks in order with the params each one declares; stop at the first failure.
 
     Every parameter is checked (name, type, range: actionft.config) before the first notebook starts."""
+    import os
+
+    from actionft.quiet import HEADLESS_ENV
+
+    # the kernels inherit this: no browser renders widget bars in an executed copy, so bars are text there
+    before = os.environ.get(HEADLESS_ENV)
+    os.environ[HEADLESS_ENV] = "1"
+    try:
+        return _run_notebooks(params, selection, kernel, cell_timeout, progress)
+    finally:
+        if before is None:
+            os.environ.pop(HEADLESS_ENV, None)
+        else:
+            os.environ[HEADLESS_ENV] = before
+
+
+def _run_notebooks(params: dict[str, Any], selection: list[str] | None, kernel: str, cell_timeout: int,
+                   progress: bool) -> list[dict[str, Any]]:
     import papermill
 
     from actionft import config
@@ -73,6 +91,7 @@ def run_notebooks(params: dict[str, Any], selection: list[str] | None = None, ke
                 f"{nb.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                 f"  the executed copy with the traceback is {out_dir / nb.name}"
             ) from None
+        tidy_executed_copy(out_dir / nb.name)
         seconds = round(time.time() - start, 1)
         results.append({"notebook": nb.name, "seconds": seconds})
         print(f"    done in {seconds} s", flush=True)
@@ -80,36 +99,90 @@ def run_notebooks(params: dict[str, Any], selection: list[str] | None = None, ke
     return results
 
 
-# -- keeping committed notebooks clean ------------------------------------------------------------------------
-KEEP_METADATA = {"kernelspec", "language_info"}
+def collapse_carriage_returns(text: str) -> str:
+    """Stream text as a terminal leaves it: on each line, what follows the last carriage return. A text progress bar
+    becomes its final state; a bar that erased itself (leave=False) disappears."""
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            line = next((part for part in reversed(line.split("\r")) if part), "")
+            if not line.strip():
+                continue
+        lines.append(line)
+    return "\n".join(lines)
 
 
-def clean_notebook(path: Path) -> bool:
-    """Drop outputs, execution counts and volatile metadata; return True if the file changed."""
+def tidy_executed_copy(path: Path) -> None:
+    """Merge each cell's consecutive stream outputs (a text bar arrives as one output per update) and keep what a
+    terminal would show, so an executed copy reads well in any viewer."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
-    before = nbformat.writes(nb)
-    nb.metadata = {k: v for k, v in nb.metadata.items() if k in KEEP_METADATA}
-    nb.metadata.get("language_info", {}).pop("version", None)
     for cell in nb.cells:
-        cell.metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for out in cell.outputs:
+            if out.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                    and merged[-1].name == out.name:
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = collapse_carriage_returns(out.text)
+        cell.outputs = [o for o in merged if not (o.output_type == "stream" and not o.text.strip())]
+    nbformat.write(nb, str(path))
+
+
+# -- keeping committed notebooks clean ------------------------------------------------------------------------
+# What every committed notebook carries as notebook metadata. JupyterLab rewrites both when it opens or saves a
+# notebook (display name "Python 3 (ipykernel)", language_info with the local Python version, codemirror mode...),
+# so cleaning resets them instead of keeping whatever the last editor wrote.
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+LANGUAGE_INFO = {"name": "python"}
+KEEP_METADATA = {"kernelspec", "language_info"}
+
+
+def clean_text(text: str) -> str:
+    """A notebook's JSON without outputs, execution counts and volatile metadata, in the committed format.
+
+    Idempotent: cleaning clean text returns it unchanged. This is the git filter's `clean` step
+    (`python -m actionft.notebooks clean --stdin`), so what JupyterLab saves never reaches a commit.
+    """
+    import nbformat
+
+    nb = nbformat.reads(text, as_version=4)
+    nb.metadata = nbformat.from_dict({"kernelspec": dict(KERNELSPEC), "language_info": dict(LANGUAGE_INFO)})
+    for cell in nb.cells:
+        cell.metadata = nbformat.from_dict({k: v for k, v in cell.metadata.items() if k == "tags"})
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
-    after = nbformat.writes(nb)
+        elif "attachments" in cell and not cell.attachments:
+            del cell["attachments"]
+    return nbformat.writes(nb) + "\n"  # JupyterLab and the committed files end with a newline
+
+
+def clean_notebook(path: Path) -> bool:
+    """Clean a notebook file in place (see `clean_text`); return True if the file changed."""
+    before = Path(path).read_text()
+    after = clean_text(before)
     if after != before:
-        path.write_text(after)
+        Path(path).write_text(after)
     return after != before
 
 
-def dirty_notebooks(paths: list[Path]) -> list[str]:
-    """Notebooks that carry outputs, execution counts or volatile metadata."""
+def dirty_notebooks(paths: list[Path], texts: list[str] | None = None) -> list[str]:
+    """Notebooks that carry outputs, execution counts or volatile metadata (one line per notebook).
+
+    `texts`, when given, are the notebooks' contents (e.g. what git would commit) and `paths` only name them.
+    """
     import nbformat
 
     dirty = []
-    for path in paths:
-        nb = nbformat.read(str(path), as_version=4)
+    for i, path in enumerate(paths):
+        nb = nbformat.reads(texts[i] if texts is not None else Path(path).read_text(), as_version=4)
         for cell in nb.cells:
             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None):
                 dirty.append(f"{path}: code cell with outputs")
@@ -119,7 +192,25 @@ def dirty_notebooks(paths: list[Path]) -> list[str]:
                 break
         if set(nb.metadata) - KEEP_METADATA:
             dirty.append(f"{path}: notebook metadata {sorted(set(nb.metadata) - KEEP_METADATA)}")
+        elif nb.metadata.get("kernelspec") != KERNELSPEC or nb.metadata.get("language_info") != LANGUAGE_INFO:
+            dirty.append(f"{path}: kernelspec/language_info rewritten (expected {KERNELSPEC}, {LANGUAGE_INFO})")
     return dirty
+
+
+def committed_text(path: Path) -> str:
+    """What git would commit for `path`: its staged blob (`git show :path`, after the nbstrip filter), or the file
+    itself outside a git checkout or when the file is not tracked."""
+    import subprocess
+
+    path = Path(path).resolve()
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path.parent, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        rel = path.relative_to(Path(top).resolve()).as_posix()
+        return subprocess.run(["git", "show", f":{rel}"], cwd=top, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return path.read_text()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -161,18 +252,35 @@ def print_run_results(run_dir: Path, since: float = 0.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`clean NOTEBOOK...` cleans files in place, `clean --stdin` filters stdin to stdout (the git filter),
+    `check [--staged] NOTEBOOK...` fails when a notebook (or what git would commit for it) is not clean."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] not in ("clean", "check"):
-        print("usage: python -m actionft.notebooks {clean|check} NOTEBOOK...", file=sys.stderr)
+    usage = "usage: python -m actionft.notebooks {clean --stdin | clean NOTEBOOK... | check [--staged] NOTEBOOK...}"
+    if not argv or argv[0] not in ("clean", "check"):
+        print(usage, file=sys.stderr)
         return 2
-    paths = [Path(p) for p in argv[1:]]
+    if argv[0] == "clean" and argv[1:] == ["--stdin"]:
+        text = sys.stdin.read()
+        try:
+            sys.stdout.write(clean_text(text))
+        except Exception as err:  # noqa: BLE001 - a filter must never lose the user's file: pass it through
+            print(f"actionft.notebooks clean --stdin: not a notebook ({err}); passed through unchanged",
+                  file=sys.stderr)
+            sys.stdout.write(text)
+        return 0
+    staged = argv[0] == "check" and "--staged" in argv
+    paths = [Path(p) for p in argv[1:] if p != "--staged"]
+    if not paths:
+        print(usage, file=sys.stderr)
+        return 2
     if argv[0] == "clean":
         changed = [str(p) for p in paths if clean_notebook(p)]
         print(f"cleaned {len(changed)} notebook(s)" + (": " + ", ".join(changed) if changed else ""))
         return 0
-    dirty = dirty_notebooks(paths)
+    dirty = dirty_notebooks(paths, [committed_text(p) for p in paths] if staged else None)
     for line in dirty:
-        print(line)
+        print(line + ("   (fix: make setup, then git add the notebook again)" if staged else
+                      "   (fix: make clean-notebooks)"))
     return 1 if dirty else 0
 
 

@@ -11,20 +11,32 @@ def as_array(image) -> np.ndarray:
     return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
 
 
-def plot_strips(rows: list[list], captions: list[str], width: float = 2.0, wrap: int = 90):
-    """One row of frames per sample, its caption(s) above the row."""
+# Captions in points: 10 pt is 12.5 px at the notebooks' 90 dpi (8 pt was 10 px, too small to read comfortably).
+CAPTION_FONTSIZE = 10
+
+
+def plot_strips(rows: list[list], captions: list[str], width: float = 2.0, wrap: int | None = None):
+    """One row of frames per sample, its caption(s) above the row (wrapped at `wrap` characters, by default the
+    figure's width)."""
     import matplotlib.pyplot as plt
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, (width + 0.45) * n_rows), squeeze=False)
-    for r, (frames, caption) in enumerate(zip(rows, captions)):
+    wrap = wrap or int(width * n_cols * 72 / (CAPTION_FONTSIZE * 0.6))  # ~0.6 em per character
+    wrapped = ["\n".join(textwrap.wrap(c, wrap)) for c in captions]
+    lines = max(w.count("\n") + 1 for w in wrapped)
+    caption_in = 0.2 * lines + 0.1  # room above each row for its caption
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, (width + caption_in) * n_rows),
+                             squeeze=False, gridspec_kw={"hspace": caption_in / width, "wspace": 0.05})
+    for r, (frames, caption) in enumerate(zip(rows, wrapped)):
         for c in range(n_cols):
             ax = axes[r][c]
             ax.axis("off")
             if c < len(frames):
                 ax.imshow(as_array(frames[c]), cmap="magma" if np.ndim(frames[c]) == 2 else None)
-        axes[r][0].set_title("\n".join(textwrap.wrap(caption, wrap)), loc="left", fontsize=8)
-    fig.tight_layout()
+        axes[r][0].set_title(caption, loc="left", fontsize=CAPTION_FONTSIZE)
+    # the captions run across the whole row: margins by hand, since tight_layout would squeeze the first column
+    height = fig.get_size_inches()[1]
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - caption_in / height)
     return fig
 
 
@@ -42,6 +54,20 @@ def processed_frames(processor, images: list, max_soft_tokens: int) -> list[np.n
             img[y * patch:(y + 1) * patch, x * patch:(x + 1) * patch] = values.reshape(patch, patch, 3)
         frames.append((img.clip(0, 1) * 255).round().astype(np.uint8))
     return frames
+
+
+def draw_patch_grid(axes, patch: int, pooling: int) -> None:
+    """Over frames rebuilt by `processed_frames`: thin lines between the vision tower's patches, thick ones around
+    each pooling window (`pooling` x `pooling` patches), which becomes one soft token."""
+    for ax in np.ravel(axes):
+        if not ax.get_images():
+            continue
+        h, w = ax.get_images()[0].get_array().shape[:2]
+        for step, lw, alpha in ((patch, 0.3, 0.35), (patch * pooling, 1.0, 0.9)):
+            for x in range(0, w + 1, step):
+                ax.axvline(x - 0.5, color="white", lw=lw, alpha=alpha)
+            for y in range(0, h + 1, step):
+                ax.axhline(y - 0.5, color="white", lw=lw, alpha=alpha)
 
 
 def frame_differences(images: list) -> list[np.ndarray]:

@@ -15,8 +15,10 @@ def start(seed: int = 0, run_name: str = "run", output_root: str = "outputs") ->
     """Seed Python, NumPy and torch, quiet the libraries, set plot defaults; return outputs/<run_name>/."""
     import torch
 
+    from actionft import quiet
     from actionft.modeling import resolve_path
 
+    quiet.install()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     random.seed(seed)
     np.random.seed(seed)

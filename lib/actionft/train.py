@@ -391,6 +391,9 @@ def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
         if not ds.is_file():
             raise ActionftError(f"DeepSpeed config {ds} does not exist (set deepspeed: null to train without it)")
         ensure_distributed_env()
+        from actionft import quiet
+
+        quiet.probe_deepspeed_ops()  # before the Trainer: keeps DeepSpeed's libaio link test out of notebooks
     eval_steps = cfg["eval_steps"] or cfg["save_steps"]
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
