@@ -609,3 +609,24 @@ def test_lazy_help_matches_the_commands(monkeypatch):
     sub = next(a for a in parser._actions if a.dest == "command")
     helps = {c.dest: c.help for c in sub._choices_actions}
     assert helps == actionft.cli.HELP
+
+
+def test_write_json_never_leaves_half_a_file(tmp_path, monkeypatch):
+    """A disk that fills while results are written keeps the previous file whole and names the file in one line."""
+    from actionft.errors import write_json
+
+    target = tmp_path / "metrics.json"
+    write_json(target, {"top1": 0.5})
+    real_write = Path.write_text
+
+    def full_disk(self, text, *a, **k):
+        real_write(self, text[: len(text) // 2], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(ActionftError, match="metrics.json") as err:
+        write_json(target, {"top1": 0.9, "padding": "x" * 1000})
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"top1": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

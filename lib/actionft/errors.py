@@ -80,3 +80,19 @@ def writable_folder(path, what: str = "output folder"):
     except OSError as err:
         raise os_error(err, f"cannot write the {what}") from None
     return path
+
+
+def write_json(path, data) -> None:
+    """Write `data` as JSON all at once: a temporary file renamed over `path`, so a full disk or a kill never
+    leaves a half-written file (a disk error becomes a one-line error naming the file)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise os_error(err, f"cannot write {path}") from None

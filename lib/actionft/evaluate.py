@@ -10,13 +10,12 @@ answer mention the right label".
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from actionft.data import Sample
-from actionft.errors import ActionftError
+from actionft.errors import ActionftError, write_json
 
 
 def label_set_for(params: dict[str, Any], samples: list[Sample]):
@@ -122,8 +121,8 @@ def closed_set_report(rows: dict[str, list[dict]], labels, out_dir: str | Path |
     if out_dir is not None and named:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "per_class.json").write_text(json.dumps(report["per_class"], indent=1))
-        (out_dir / "confusions.json").write_text(json.dumps(report["confusions"], indent=1))
+        write_json(out_dir / "per_class.json", report["per_class"])
+        write_json(out_dir / "confusions.json", report["confusions"])
         import matplotlib.pyplot as plt
 
         cms = {name: metrics.confusion_matrix([x["label"] for x in r], [x["predicted"] for x in r], labels.classes)
@@ -186,11 +185,11 @@ def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str
         closed_set_report(per_sample, labels, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics_out, indent=1))
+    write_json(out_dir / "metrics.json", metrics_out)
     rows = [{**b, "finetuned_answer": f["answer"], **{f"finetuned_{k}": v for k, v in f.items()
                                                         if k not in ("clip_id", "frames", "references", "label")}}
             for b, f in zip(per_sample["base"], per_sample["finetuned"])]
-    (out_dir / "per_sample.json").write_text(json.dumps(rows, indent=1))
+    write_json(out_dir / "per_sample.json", rows)
     return metrics_out
 
 
