@@ -1,4 +1,4 @@
-"""Full-width smoke run of the reference recipe on CPU (`make smoke-e4b`; CI runs it after `make test`).
+"""Full-width smoke run of the reference recipe on CPU (`make smoke-e4b`, by hand: tens of minutes on 2 cores).
 
 A checkpoint of the published google/gemma-4-e4b-it structure (full width and 262,144-token vocabulary, vision and
 audio towers, the release's flags) at reduced depth (4 text layers: sliding and full ones, the last two reusing K/V)
