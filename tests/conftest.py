@@ -32,3 +32,17 @@ def processor():
     from actionft.modeling import load_processor
 
     return load_processor("tiny")
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """bench/bench_train.py as a module (a script, not part of the package), loaded once for the bench tests."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -17,13 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "bench_train.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_causal_pairs_match_brute_force(bench):

@@ -6,10 +6,8 @@ Two sources: `actionft.e4b.PUBLISHED_*` (always) and the facts written in the sh
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +18,6 @@ SHARED = Path(os.environ.get("ACTIONFT_SHARED_DIR", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference" / "gemma4.md"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_config", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_config"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
