@@ -253,7 +253,7 @@ def test_dry_run_reference_params_give_1170_steps_and_batch_8(tmp_path, capsys, 
 def test_dry_run_real_sample_counts(capsys, no_weights):
     """The real 200-clip sample: its params hold out 10% val + 10% test (by a hash of the clip id), leaving 167
     training clips -> 3 * ceil(167 / 8) = 63 steps. With every clip in training, 3 * 200 / 8 = 75."""
-    from actionft.modeling import resolve_path
+    from actionft.paths import resolve_path
     from actionft.params import load_params
 
     params = load_params(SAMPLE_PARAMS)

@@ -12,7 +12,7 @@ import torch
 
 from actionft.collate import IGNORE_INDEX, Collator, check_labels, check_padding, check_soft_tokens, check_template
 from actionft.data import Sample, load_dataset
-from actionft.modeling import resolve_path
+from actionft.paths import resolve_path
 from actionft.synth import generate_dataset, random_clip, render, write_video
 
 NUM_FRAMES = 4

@@ -174,7 +174,7 @@ def dataset_label_set(samples: list[Sample], metadata_path: str | Path | None = 
     beside the metadata, else the distinct labels of `samples` (pass every split, so classes absent from the test
     split still compete); None when no sample has a label. The held-out clips' labels must all be classes of the set
     (checked by the caller)."""
-    from actionft.modeling import resolve_path
+    from actionft.paths import resolve_path
 
     if isinstance(label_set, (list, tuple)):
         return combine([read_label_set(resolve_path(f), template) for f in label_set]) if label_set else None

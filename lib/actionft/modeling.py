@@ -8,25 +8,12 @@ from pathlib import Path
 import torch
 
 from actionft.errors import ActionftError
+from actionft.paths import resolve_path
 
 REAL_MODEL_ID = "google/gemma-4-e4b-it"
 TINY_ALIAS = "tiny"
 # The pretrained tiny base ships with the package (a few MB); `actionft tiny-base` regenerates it.
 TINY_BASE_DIR = Path(__file__).parent / "assets" / "tiny-gemma4"
-
-
-def repo_root() -> Path:
-    """The checkout this package was installed from (editable install), else the current directory."""
-    here = Path(__file__).resolve().parents[2]
-    return here if (here / "pyproject.toml").is_file() else Path.cwd()
-
-
-def resolve_path(path: str | Path | None) -> Path | None:
-    """Relative paths in params files are relative to the repository root, wherever a notebook runs."""
-    if path is None or path == "":
-        return None
-    path = Path(os.path.expanduser(str(path)))
-    return path if path.is_absolute() else repo_root() / path
 
 
 def resolve_model_id(model_id: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from actionft.errors import ActionftError
-from actionft.modeling import repo_root, resolve_path
+from actionft.paths import repo_root, resolve_path
 
 
 def notebook_dir() -> Path:

@@ -16,7 +16,7 @@ def start(seed: int = 0, run_name: str = "run", output_root: str = "outputs") ->
     import torch
 
     from actionft import quiet
-    from actionft.modeling import resolve_path
+    from actionft.paths import resolve_path
 
     quiet.install()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

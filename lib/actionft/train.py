@@ -24,6 +24,7 @@ import torch
 
 from actionft import config
 from actionft.errors import ActionftError, ResourceError, os_error, writable_folder
+from actionft.paths import resolve_path
 
 # Every parameter's type, range and default: actionft.config (one section per concern). Defaults = the reference
 # run (seed_run.md), except paths and the model, which the params files set.
@@ -52,7 +53,6 @@ def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
 
 def check_quantized(cfg: dict[str, Any]) -> None:
     """A 4-bit base trains adapters only, and its packed weights cannot be sharded by ZeRO-3."""
-    from actionft.modeling import resolve_path
 
     if not cfg["use_lora"]:
         raise ActionftError("load_in_4bit: true needs use_lora: true (4-bit weights cannot be trained; "
@@ -99,7 +99,6 @@ _PATH_KEYS = ("data_path", "image_folder", "metadata_path", "deepspeed")
 
 def _run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings that make a run what it is, paths resolved and JSON-normalised (tuples -> lists)."""
-    from actionft.modeling import resolve_path
 
     out = {k: v for k, v in cfg.items() if k not in RUN_FREE_KEYS}
     for key in _PATH_KEYS:
@@ -133,7 +132,6 @@ def check_run_folder(cfg: dict[str, Any], out: Path) -> None:
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:
-    from actionft.modeling import resolve_path
 
     return resolve_path(cfg["output_root"]) / cfg["run_name"]
 
@@ -159,7 +157,6 @@ def effective_batch(cfg: dict[str, Any], n_processes: int | None = None) -> int:
 def load_splits(cfg: dict[str, Any], check_files: bool = True, progress: bool = True) -> dict[str, list]:
     """Train/val/test samples of the configured dataset (generating the synthetic one if asked to)."""
     from actionft.data import load_dataset, select_split
-    from actionft.modeling import resolve_path
 
     ensure_data(cfg)
     samples = load_dataset(
@@ -179,7 +176,6 @@ def ensure_data(cfg: dict[str, Any]) -> None:
     """For `synth: true`, render the generated dataset into `image_folder` unless it is already there."""
     if not cfg.get("synth"):
         return
-    from actionft.modeling import resolve_path
     from actionft.synth import ensure_dataset, settings
 
     folder = resolve_path(cfg["image_folder"])
@@ -382,7 +378,6 @@ def ensure_distributed_env() -> None:
 def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
     from transformers import TrainingArguments
 
-    from actionft.modeling import resolve_path
 
     on_gpu = torch.cuda.is_available()
     ds = None
@@ -485,7 +480,6 @@ RUN_DATA = "run_data.json"  # fingerprints of the dataset files a run started on
 def _data_fingerprint(cfg: dict[str, Any]) -> dict[str, str | None]:
     import hashlib
 
-    from actionft.modeling import resolve_path
 
     out = {}
     for key in ("data_path", "metadata_path"):
@@ -523,7 +517,6 @@ def resolve_resume(cfg: dict[str, Any], out: Path) -> str | None:
     `latest` (or true) is the newest complete checkpoint in this run folder, which `check_run_folder` has bound to
     this configuration; a path must be a checkpoint folder (with trainer_state.json).
     """
-    from actionft.modeling import resolve_path
 
     resume = cfg["resume_from_checkpoint"]
     if resume in (None, False, "", "false", "none", "null"):
@@ -599,7 +592,6 @@ def optimizer_chain(optimizer) -> str:
 
 def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming if asked), save the adapter + processor under the run folder, return a summary."""
-    from actionft.modeling import resolve_path
 
     cfg, out = info["cfg"], info["run_dir"]
     resume = info["resume"] if "resume" in info else resolve_resume(cfg, out)
