@@ -71,10 +71,37 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", [["run", "--params", str(TINY)], ["train", "--params", str(TINY), "--dry-run"],
-                                     ["evaluate", "--params", str(TINY), "--adapter", "x", "--out", "y"]])
+                                     ["evaluate", "--params", str(TINY), "--adapter", "x", "--out", "y"],
+                                     ["prepare", "--params", str(TINY), "videos", "annotations.csv", "--out", "OUT"]])
 def test_entry_points_refuse_a_typo_the_same_way_before_any_work(command, tmp_path):
+    command = [str(tmp_path / "prepared") if arg == "OUT" else arg for arg in command]
     proc = cli(*command, "--set", "padding_sied=right", "--set", f"output_root={tmp_path}")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown parameter 'padding_sied' (did you mean padding_side?)" in lines[0], proc.stderr
     assert not any(tmp_path.iterdir()), "work started before the parameters were checked"
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--max-soft-tokens", "100"], "max_soft_tokens=100"),
+    (["--num-frames", "0"], "num_frames=0"),
+    (["--max-new-tokens", "0"], "max_new_tokens=0"),
+])
+def test_predict_checks_its_flags_against_the_same_ranges(flags, named, tmp_path):
+    proc = cli("predict", str(tmp_path / "missing.jpg"), *flags)
+    assert proc.returncode == 2 and named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize(("size", "hw"), [(336, (336, 336)), ("336", (336, 336)), ("224x336", (224, 336)),
+                                          ([224, 336], (224, 336)), (0, None), ("", None), (None, None)])
+def test_one_size_convention_height_then_width(size, hw):
+    from actionft.frames import parse_size
+
+    assert parse_size(size) == hw
+    if hw:
+        config.validate({"size": size})
+
+
+def test_a_bad_size_is_refused_by_the_configuration():
+    with pytest.raises(ActionftError, match="size="):
+        config.validate({"size": "big"})

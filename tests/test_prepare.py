@@ -350,6 +350,6 @@ def test_cli_exit_codes_and_params(tmp_path, video_dir, cli, capsys):
     assert cli(["prepare", str(video_dir), str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli(["prepare", str(video_dir), str(good), "--out", str(out), "--set", "frames=3"]) == 2
-    assert "unknown prepare parameter" in capsys.readouterr().err
+    assert "unknown parameter 'frames' (did you mean num_frames?)" in capsys.readouterr().err
     assert cli(["prepare", str(video_dir), str(good)]) == 2
     assert "out_dir" in capsys.readouterr().err

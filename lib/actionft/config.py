@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actionft.errors import ActionftError
 
@@ -142,8 +142,13 @@ class PrepareSection(_Section):
 
     video_dir: str | None = None
     annotations: str | None = None
+    out_dir: str | None = None  # `actionft prepare --out`: the folder that receives the frame dataset
+    question: str | None = Field(None, min_length=1)
+    answer_template: str | None = Field(None, min_length=1)  # e.g. "The video shows {label}."
+    overwrite: bool | None = None
     add_missing_clip: bool | None = None
-    size: int | None = Field(None, ge=0)
+    # S (short side S, centre crop SxS), "HxW" or [h, w]; 0 keeps the decoded size (actionft.frames.parse_size)
+    size: int | str | list[int] | None = None
     jpeg_quality: int | None = Field(None, ge=1, le=100)
     workers: int | None = Field(None, ge=1)
     max_clips: int | None = Field(None, ge=0)
@@ -151,6 +156,18 @@ class PrepareSection(_Section):
     video_data_path: str | None = None
     batch_size: int | None = Field(None, ge=1)
     n_checked: int | None = Field(None, ge=1)
+
+    @field_validator("size")
+    @classmethod
+    def _a_frame_size(cls, value):
+        if value is not None:
+            from actionft.frames import parse_size
+
+            try:
+                parse_size(value)
+            except ActionftError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from actionft.errors import ActionftError
 
@@ -70,20 +70,34 @@ def sample_times(duration: float, num_frames: int) -> list[float]:
     return [(i + 0.5) * duration / num_frames for i in range(num_frames)]
 
 
-def _normalise_size(size: int | Sequence[int]) -> tuple[int, int]:
-    """`size` (int S or (h, w)) -> (w, h)."""
+def parse_size(size: Any) -> tuple[int, int] | None:
+    """A frame size as (height, width), the one convention here: an int S or "S" is SxS, "HxW" or [h, w] is that,
+    and None, 0 or "" mean "keep the decoded size" (None)."""
+    if size is None or (isinstance(size, str) and size.strip().lower() in ("", "0", "none", "null")) or size == 0:
+        return None
+    if isinstance(size, str):
+        parts = size.lower().replace(",", "x").split("x")
+        try:
+            vals = [int(p) for p in parts]
+        except ValueError:
+            raise ActionftError(f"size must be S or HxW (e.g. 336 or 224x336), got {size!r}") from None
+        size = vals[0] if len(vals) == 1 else vals
+    if isinstance(size, bool):
+        raise ActionftError(f"size must be S or HxW, got {size!r}")
     if isinstance(size, int):
-        h = w = size
-    else:
+        size = (size, size)
+    try:
         h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ActionftError(f"size must be S, HxW or [h, w], got {size!r}") from None
     if h < 1 or w < 1:
-        raise ActionftError(f"frame size must be positive, got {size!r}")
-    return w, h
+        raise ActionftError(f"size must be positive, got {size!r}")
+    return h, w
 
 
 def _cover_size(w: int, h: int, size: int | Sequence[int]) -> tuple[int, int]:
     """The smallest (w, h) with the aspect of `w` x `h` that covers `size`."""
-    w_t, h_t = _normalise_size(size)
+    h_t, w_t = parse_size(size)
     scale = max(w_t / w, h_t / h)
     return max(w_t, round(w * scale)), max(h_t, round(h * scale))
 
@@ -92,7 +106,7 @@ def resize_center_crop(img, size: int | Sequence[int]):
     """Resize so the picture covers `size` then crop the centre: an int S gives SxS, a tuple is (height, width)."""
     from PIL import Image
 
-    w_t, h_t = _normalise_size(size)
+    h_t, w_t = parse_size(size)
     w, h = img.size
     if (w, h) == (w_t, h_t):
         return img
@@ -148,7 +162,7 @@ def _frame_image(frame, size: int | Sequence[int] | None):
                               height=new_w if turns % 2 else new_h, interpolation="BICUBIC")
     array = np.rot90(_rgb_array(frame), k=turns)
     if size is not None:
-        w_t, h_t = _normalise_size(size)
+        h_t, w_t = parse_size(size)
         left, top = (new_w - w_t) // 2, (new_h - h_t) // 2
         array = array[top : top + h_t, left : left + w_t]
     return Image.fromarray(np.ascontiguousarray(array))

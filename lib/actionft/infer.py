@@ -293,6 +293,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli_predict(args: argparse.Namespace) -> int:
+    from actionft import config
+
+    flags = {"model_id": args.model_id, "num_frames": args.num_frames, "max_new_tokens": args.max_new_tokens,
+             "video_max_soft_tokens": args.video_max_soft_tokens}
+    if args.max_soft_tokens is not None:
+        flags["max_soft_tokens"] = args.max_soft_tokens
+    config.validate(flags, sections=("data", "model", "evaluation"))  # the same ranges as everywhere, before work
     budget = args.max_soft_tokens
     if budget is None and args.adapter:
         cfg_file = Path(args.adapter).parent / "train_config.json"

@@ -50,6 +50,7 @@ from typing import Any, Sequence
 from actionft import DEFAULT_PROMPT
 from actionft.data import KINETICS_COLUMNS, SPLITS, assign_split, kinetics_clip_id
 from actionft.errors import ActionftError, os_error
+from actionft.frames import parse_size
 
 ANSWER_TEMPLATE = "The video shows {label}."
 VIDEO_EXTENSIONS = {
@@ -256,30 +257,6 @@ class ClipResult:
     timestamps: list[float] = field(default_factory=list)
     width: int | None = None
     height: int | None = None
-
-
-def _size_tuple(size: Any) -> tuple[int, int] | None:
-    """None, an int S, "S", "HxW", or [h, w] -> (h, w) or None."""
-    if size is None or (isinstance(size, str) and size.strip().lower() in ("", "0", "none", "null")) or size == 0:
-        return None
-    if isinstance(size, str):
-        parts = size.lower().replace(",", "x").split("x")
-        try:
-            vals = [int(p) for p in parts]
-        except ValueError:
-            raise ActionftError(f"size must be S or HxW (e.g. 336 or 224x336), got {size!r}") from None
-        size = vals[0] if len(vals) == 1 else vals
-    if isinstance(size, bool):
-        raise ActionftError(f"size must be S or HxW, got {size!r}")
-    if isinstance(size, int):
-        size = (size, size)
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ActionftError(f"size must be S, HxW or [h, w], got {size!r}") from None
-    if h < 1 or w < 1:
-        raise ActionftError(f"size must be positive, got {size!r}")
-    return h, w
 
 
 def _source_stamp(path: Path) -> dict[str, int]:
@@ -602,7 +579,7 @@ def prepare_dataset(
     num_frames = int(num_frames)
     if num_frames < 1:
         raise ActionftError(f"num_frames must be at least 1, got {num_frames}")
-    size_hw = _size_tuple(size)
+    size_hw = parse_size(size)
     jpeg_quality = int(jpeg_quality)
     if not 1 <= jpeg_quality <= 100:
         raise ActionftError(f"jpeg_quality must be between 1 and 100, got {jpeg_quality}")
@@ -717,24 +694,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_prepare)
 
 
+# prepare_dataset's arguments, in its order: each one is a key of actionft.config (data or prepare section)
+PREPARE_ARGS = ("video_dir", "annotations", "out_dir", "num_frames", "size", "jpeg_quality", "question",
+                "answer_template", "workers", "split_seed", "val_fraction", "test_fraction", "overwrite")
+
+
 def _cli_prepare(args: argparse.Namespace) -> int:
+    from actionft import config
     from actionft.params import params_from_args
 
-    names = list(inspect.signature(prepare_dataset).parameters)
-    kwargs = params_from_args(args)
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        raise ActionftError(f"unknown prepare parameter(s) {unknown}; known: {', '.join(names)}")
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            kwargs[name] = value
-    missing = [n for n in ("video_dir", "annotations", "out_dir") if not kwargs.get(n)]
+    params = params_from_args(args)
+    params.update({name: getattr(args, name) for name in PREPARE_ARGS if getattr(args, name, None) is not None})
+    cfg = config.validate(params, sections=("data", "prepare"))  # unknown keys and bad values: one line, no work
+    missing = [n for n in ("video_dir", "annotations", "out_dir") if not cfg[n]]
     if missing:
         raise ActionftError(
             f"prepare needs {', '.join(missing)}: `actionft prepare VIDEO_DIR ANNOTATIONS --out DIR` "
             f"(or set them in --params)"
         )
+    # the prepare section's None means "prepare_dataset's own default"
+    kwargs = {name: cfg[name] for name in PREPARE_ARGS if cfg[name] is not None}
+    if args.progress is not None:
+        kwargs["progress"] = args.progress
     on_term = signal.signal(signal.SIGTERM, _raise_terminated)  # stop the workers too, not just this process
     try:
         report = prepare_dataset(**kwargs)
