@@ -7,7 +7,7 @@ PARAMS ?= params/tiny.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test smoke-e4b lab bench tiny-base clean-notebooks check-notebooks
+.PHONY: setup demo test smoke-e4b qlora-demo lab bench tiny-base clean-notebooks check-notebooks
 
 # Git runs filters from the top of the working tree, so the relative path serves every clone and worktree.
 NBSTRIP := .venv/bin/python -m actionft.notebooks clean --stdin
@@ -28,7 +28,7 @@ demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, exe
 	$(BIN)/actionft run --params $(PARAMS)
 
 test: setup  ## unit tests + every notebook re-executed by nbval
-	$(BIN)/python -m pytest tests notebooks -m "not smoke" --nbval-lax --nbval-current-env
+	$(BIN)/python -m pytest tests notebooks -m "not smoke and not qlora" --nbval-lax --nbval-current-env
 
 # tests/test_browser.py starts JupyterLab with these same arguments
 LAB_ARGS := --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
@@ -37,6 +37,9 @@ lab: setup  ## JupyterLab at the repository root, opened on notebooks/, with the
 
 smoke-e4b: $(STAMP)  ## the reference recipe at E4B's full width (4 layers, random weights) on the Kinetics-3K sample, on CPU
 	$(BIN)/python -m pytest tests/test_smoke_e4b.py -m smoke -s -q
+
+qlora-demo: $(STAMP)  ## the embedded run on a 4-bit base: train, evaluate on the full-precision base, check top-1 (30-60 min)
+	$(BIN)/python -m pytest tests/test_qlora_demo.py -m qlora -s -q
 
 bench: $(STAMP)  ## training throughput benchmark (tiny model on CPU; the real E4B architecture on a GPU)
 	$(BIN)/python bench/bench_train.py

@@ -1,5 +1,5 @@
-"""Params files and `--set` overrides; notebook defaults agree with params/tiny.yaml; the reference params file holds
-the reference run's values (../shared/reference/seed_run.md)."""
+"""Params files and `--set` overrides; notebook defaults are the embedded run's (actionft.config); the reference
+params file holds the reference run's values (../shared/reference/seed_run.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from actionft import config
 from actionft.errors import ActionftError
 from actionft.notebooks import list_notebooks, notebook_parameters
 from actionft.params import load_params, parse_override
@@ -24,7 +25,10 @@ SEED_RUN = (ROOT / "../shared/reference/seed_run.md").resolve()
 def test_load_params_reads_file():
     params = load_params(TINY)
     assert params == yaml.safe_load(TINY.read_text())
-    assert params["model_id"] == "tiny" and params["lora_r"] == 64 and params["learning_rate"] == 0.002
+    assert params["run_name"] == "tiny"
+    cfg = config.validate(params)  # the rest are the embedded defaults
+    assert cfg["model_id"] == "tiny" and cfg["lora_r"] == 64 and cfg["learning_rate"] == 0.002 and cfg["synth"]
+    assert cfg["data_path"] == "outputs/data/synth/data.json"
 
 
 def test_load_params_without_file():
@@ -66,7 +70,7 @@ def test_overrides_apply_in_order_over_file():
     params = load_params(TINY, ["lora_r=4", "bf16=true", "learning_rate=1e-3", "lora_r=8", "new_key=x"])
     assert params["lora_r"] == 8 and params["bf16"] is True and params["learning_rate"] == 1e-3
     assert params["new_key"] == "x"
-    assert params["lora_alpha"] == yaml.safe_load(TINY.read_text())["lora_alpha"]  # untouched: the file's value
+    assert params["run_name"] == yaml.safe_load(TINY.read_text())["run_name"]  # untouched: the file's value
 
 
 def test_exponent_floats_in_params_file(tmp_path):
@@ -134,18 +138,22 @@ def test_missing_params_file_is_clear_error(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
-# -- notebooks vs params/tiny.yaml ----------------------------------------------------------------------------
+# -- notebooks vs the embedded defaults -----------------------------------------------------------------------
 @pytest.mark.parametrize("notebook", list_notebooks(), ids=lambda p: p.stem)
-def test_notebook_defaults_match_tiny_params(notebook):
-    tiny = load_params(TINY)
+def test_notebook_defaults_are_the_embedded_run(notebook):
+    """A notebook run without parameters is the embedded run: its parameters cell restates config's defaults."""
+    from actionft.train import DEFAULTS
+
+    embedded = config.validate(load_params(TINY))
     declared = notebook_parameters(notebook)
     assert declared, f"{notebook.name} declares no parameters"
     # the parameters cell holds literals only, so every default evaluates on its own
     defaults = {k: ast.literal_eval(v) for k, v in declared.items()}
-    shared = sorted(set(defaults) & set(tiny))
+    resolved = config.validate(defaults)
+    shared = sorted(set(defaults) & set(DEFAULTS))
     assert "run_name" in shared and len(shared) >= 5, shared
-    differ = {k: (defaults[k], tiny[k]) for k in shared if defaults[k] != tiny[k]}
-    assert not differ, f"{notebook.name} defaults (left) differ from params/tiny.yaml (right): {differ}"
+    differ = {k: (resolved[k], embedded[k]) for k in shared if resolved[k] != embedded[k]}
+    assert not differ, f"{notebook.name} defaults (left) differ from the embedded run (right): {differ}"
 
 
 # -- the reference run ----------------------------------------------------------------------------------------
@@ -185,6 +193,25 @@ def test_reference_params_hold_reference_values():
     differ = {k: (params.get(k), v) for k, v in REFERENCE_VALUES.items() if params.get(k) != v}
     assert not differ, f"{REFERENCE.name} (left) vs the reference run (right): {differ}"
     assert isinstance(params["learning_rate"], float)
+
+
+# training keys the reference file may leave to the defaults: they mean the same in both runs
+SAME_IN_BOTH_RUNS = {
+    "synth_clips_per_class", "synth_val_per_class", "synth_test_per_class", "synth_seed", "synth_frame_size",
+    "video_max_soft_tokens", "max_train_samples", "max_eval_samples", "load_in_4bit", "padding_side",
+    "supervised_logits_only", "resume_from_checkpoint", "report_to", "num_processes",
+}
+
+
+def test_reference_params_set_every_setting_that_makes_the_run():
+    """The defaults are the embedded run's: a training key the reference file leaves out would take a tiny value."""
+    from actionft.train import DEFAULTS
+
+    params = load_params(REFERENCE)
+    unset = set(DEFAULTS) - set(params) - SAME_IN_BOTH_RUNS
+    assert not unset, f"{REFERENCE.name} leaves {sorted(unset)} to the embedded run's defaults: set them"
+    embedded = config.validate({})
+    assert all(config.validate(params)[k] == embedded[k] for k in SAME_IN_BOTH_RUNS)
 
 
 def test_reference_deepspeed_config_is_zero2():

@@ -771,6 +771,21 @@ def test_4bit_base_refuses_what_it_cannot_train(change, message):
 
 
 @pytest.mark.slow
+def test_4bit_base_answers_in_eval_mode(data, one_thread):
+    """Evaluation and generation run the 4-bit model in eval mode without gradients: on CPUs with AVX512-BF16,
+    bitsandbytes' fast path there cannot take the tiny model's 16-row layers (modeling._generic_cpu_4bit_path)."""
+    from actionft.collate import Collator
+    from actionft.data import load_dataset
+    from actionft.modeling import load_model, load_processor
+
+    model = load_model("tiny", load_in_4bit=True).eval()
+    processor = load_processor("tiny")
+    batch = Collator(processor, max_soft_tokens=70, num_frames=4)(load_dataset(data.varied, data.synth,
+                                                                                progress=False)[:2])
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
 def test_qlora_run_learns_and_its_adapter_loads_on_the_full_precision_base(data, one_thread):
     """`actionft train` on the 4-bit tiny base with ZeRO-2, paged 8-bit AdamW and gradient checkpointing: the loss
     goes down as in the full-precision run, and the adapter loads onto the unquantized base (as users serve it)
@@ -786,7 +801,7 @@ def test_qlora_run_learns_and_its_adapter_loads_on_the_full_precision_base(data,
     assert sorted(got) == list(range(1, LOSS_STEPS + 1)) and got[LOSS_STEPS] < got[1] - 0.05, got
 
     adapter = state["run_dir"] / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 64  # the embedded default
     model, processor = load_for_inference("tiny", adapter, device="cpu")
     base, _ = load_for_inference("tiny", None, device="cpu")
     assert not any("4bit" in type(m).__name__ for m in model.modules())

@@ -1,7 +1,9 @@
 """One typed configuration: every parameter a params file, `--set` or a notebook's `parameters` cell may hold.
 
 Params files stay flat (`lora_r: 16`); here each name belongs to one section (run, data, model, LoRA, training,
-evaluation, prepare), with its type, its allowed range and its default. `validate(params)` checks names, types and
+evaluation, prepare), with its type, its allowed range and its default. The defaults are the embedded run (the
+packaged tiny Gemma 4 on the generated action dataset, minutes on a CPU); the reference run's values are in
+`params/gemma4_e4b_kinetics3k.yaml` and nowhere else. `validate(params)` checks names, types and
 ranges before any work and raises one `ActionftError` line per problem: the key, the value and what is allowed,
 and for an unknown key the closest known one.
 """
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actionft.errors import ActionftError
 
+SYNTH_FOLDER = "outputs/data/synth"  # where the generated action dataset is rendered by default
 SOFT_TOKENS = Literal[70, 140, 280, 560, 1120]  # the budgets Gemma 4's image processor offers
 
 
@@ -24,15 +27,18 @@ class _Section(BaseModel):
 
 
 class RunSection(_Section):
-    run_name: str = Field("run", min_length=1, pattern=r"^[^/\\]+$")  # a folder name under output_root
+    run_name: str = Field("tiny", min_length=1, pattern=r"^[^/\\]+$")  # a folder name under output_root
     output_root: str = "outputs"
 
 
 class DataSection(_Section):
+    # With no data_path, the generated action dataset (synth) is rendered into image_folder on first use, and
+    # data_path / metadata_path default to its data.json / metadata.csv there. A data_path of your own needs its
+    # image_folder (media paths in data_path are relative to it); synth then defaults to false.
     data_path: str | None = None
     image_folder: str | None = None
     metadata_path: str | None = None
-    synth: bool = False
+    synth: bool | None = None
     # the generated dataset's settings (used when synth is true; see actionft.synth.generate_dataset)
     synth_clips_per_class: int = Field(60, ge=2)
     synth_val_per_class: int = Field(6, ge=0)
@@ -40,13 +46,24 @@ class DataSection(_Section):
     synth_seed: int = 0
     synth_frame_size: int = Field(192, ge=16)
     num_frames: int = Field(4, ge=1)
-    max_soft_tokens: SOFT_TOKENS = 280
+    max_soft_tokens: SOFT_TOKENS = 70
     video_max_soft_tokens: SOFT_TOKENS = 70
     split_seed: int = 0
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _the_generated_dataset_by_default(self):
+        if self.synth is None:
+            self.synth = self.data_path is None
+        if self.synth:
+            self.image_folder = self.image_folder or SYNTH_FOLDER
+            self.data_path = self.data_path or f"{self.image_folder}/data.json"
+            if "metadata_path" not in self.model_fields_set:  # an explicit null stays null
+                self.metadata_path = f"{self.image_folder}/metadata.csv"
+        return self
 
     @model_validator(mode="after")
     def _room_for_training(self):
@@ -62,7 +79,7 @@ class ModelSection(_Section):
     model_id: str = Field("tiny", min_length=1)
     # a string for text and vision (audio stays eager), or a mapping per sub-config (text_config, vision_config, ...)
     attn_implementation: str | dict[str, str] | None = "sdpa"
-    bf16: bool = True
+    bf16: bool = False  # the reference: true (bf16 weights and autocast on GPUs)
     # QLoRA: the language model's linear layers frozen in 4-bit NF4 (bitsandbytes), LoRA on top as usual
     load_in_4bit: bool = False
     padding_side: Literal["left", "right"] = "left"
@@ -71,8 +88,9 @@ class ModelSection(_Section):
 
 class LoraSection(_Section):
     use_lora: bool = True
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int | float = Field(32, gt=0)
+    # the tiny model's hidden size is 64, so r=64 is full rank there (the reference: r=16, alpha 32)
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int | float = Field(128, gt=0)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -82,24 +100,24 @@ class LoraSection(_Section):
 
 
 class TrainingSection(_Section):
-    num_train_epochs: int | float = Field(3, gt=0)
+    num_train_epochs: int | float = Field(10, gt=0)
     max_steps: int = Field(-1, ge=-1)  # -1 (or 0): run the epochs
-    per_device_train_batch_size: int = Field(1, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(8, ge=1)
-    learning_rate: float = Field(2e-4, ge=0.0)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-3, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     lr_scheduler_type: str = "cosine"
     max_grad_norm: float = Field(1.0, ge=0.0)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False
     optim: str = "paged_adamw_8bit"
     save_strategy: Literal["no", "steps", "epoch", "best"] = "steps"
-    save_steps: int = Field(200, ge=1)
+    save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
     logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
-    dataloader_num_workers: int = Field(4, ge=0)
+    eval_steps: int | None = Field(50, ge=1)
+    dataloader_num_workers: int = Field(0, ge=0)
     seed: int = 42
     deepspeed: str | None = "params/deepspeed/zero2.json"
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or "latest"

@@ -131,9 +131,23 @@ def load_model(model_id: str, bf16: bool = False, device: str | None = None,
         model = Gemma4ForConditionalGeneration.from_pretrained(resolved, **kwargs)
     except OSError as err:
         raise _missing_weights_error(model_id, err) from None
+    if load_in_4bit and not torch.cuda.is_available():
+        _generic_cpu_4bit_path(model)
     if device:
         model.to(device)
     return model
+
+
+def _generic_cpu_4bit_path(model) -> None:
+    """bitsandbytes 0.50's CPU fast path (CPUs with AVX512-BF16, eval mode, no grad) repacks a 4-bit weight in
+    blocks of 32 output rows and asserts on any other height, such as the tiny model's 16-row per-layer-input gates;
+    it would also rewrite the weights in place in the middle of training (the Trainer's evaluation). The generic
+    path computes the same product for every shape, so CPU runs keep to it. GPUs never take that path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def default_device() -> str:

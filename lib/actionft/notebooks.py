@@ -70,15 +70,19 @@ def _run_notebooks(params: dict[str, Any], selection: list[str] | None, kernel: 
 
     from actionft import config
 
-    config.validate(params)
+    resolved = config.validate(params)
+    # Each notebook gets every parameter it declares as the configuration resolves it (so a params file that names
+    # its own data_path turns the generated dataset off everywhere), except the evaluation/prepare settings a file
+    # leaves unset: their None means "the notebook's own default".
+    values = {k: v for k, v in resolved.items() if k in params or v is not None}
 
-    run_name = params.get("run_name", "run")
-    out_dir = resolve_path(params.get("output_root", "outputs")) / run_name / "notebooks"
+    run_name = resolved["run_name"]
+    out_dir = resolve_path(resolved["output_root"]) / run_name / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for nb in list_notebooks(selection):
         declared = notebook_parameters(nb)
-        passed = {k: v for k, v in params.items() if k in declared}
+        passed = {k: v for k, v in values.items() if k in declared}
         start = time.time()
         print(f"==> {nb.name} ({len(passed)} parameters) -> {out_dir / nb.name}", flush=True)
         try:
@@ -226,12 +230,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _cli_run(args: argparse.Namespace) -> int:
     from actionft.params import params_from_args
 
+    from actionft import config
+
     params = params_from_args(args)
+    run = config.validate(params, ("run",))  # run_name and output_root with their defaults
     start = time.time()
     results = run_notebooks(params, args.notebooks, args.kernel)
     print(f"ran {len(results)} notebook(s) in {time.time() - start:.0f} s: "
           + ", ".join(f"{r['notebook']} {r['seconds']:.0f}s" for r in results))
-    print_run_results(resolve_path(params.get("output_root", "outputs")) / params.get("run_name", "run"), since=start)
+    print_run_results(resolve_path(run["output_root"]) / run["run_name"], since=start)
     return 0
 
 

@@ -26,8 +26,8 @@ from actionft import config
 from actionft.errors import ActionftError, ResourceError, os_error, writable_folder
 from actionft.paths import resolve_path
 
-# Every parameter's type, range and default: actionft.config (one section per concern). Defaults = the reference
-# run (seed_run.md), except paths and the model, which the params files set.
+# Every parameter's type, range and default: actionft.config (one section per concern). Defaults = the embedded run
+# (tiny model, generated data); the reference run's values: params/gemma4_e4b_kinetics3k.yaml.
 DEFAULTS: dict[str, Any] = config.defaults()
 
 # Parameters that only notebooks 00 and 02-06 (or `actionft prepare` / `evaluate`) read; a params file may hold them,
