@@ -66,6 +66,19 @@ def test_ensure_dataset_reuses_and_regenerates(tmp_path):
     assert not (tmp_path / "d.partial").exists()
 
 
+def test_never_renders_over_a_folder_of_other_data(tmp_path):
+    """synth: true with image_folder pointing at one's own frames must not replace them."""
+    from actionft.synth import ensure_dataset
+
+    own = tmp_path / "my_frames"
+    (own / "clip_1").mkdir(parents=True)
+    (own / "clip_1" / "frame_1.jpg").write_bytes(b"mine")
+    (own / "data.json").write_text("[]")
+    with pytest.raises(ActionftError, match="holds files the generator did not write.*synth: false"):
+        ensure_dataset(own, seed=1, **SMALL)
+    assert (own / "clip_1" / "frame_1.jpg").read_bytes() == b"mine" and not (tmp_path / "my_frames.partial").exists()
+
+
 def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ActionftError, match="clips_per_class"):
         generate_dataset(tmp_path / "x", clips_per_class=2, val_per_class=1, test_per_class=1, progress=False)

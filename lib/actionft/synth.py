@@ -239,6 +239,11 @@ def generate_dataset(
     if video_frames % num_frames:
         raise ActionftError("video_frames must be a multiple of num_frames so frames sit at segment centres")
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "summary.json").is_file():
+        # the generated dataset replaces the folder: never one that holds someone's own data
+        raise ActionftError(f"{out_dir} holds files the generator did not write; the generated dataset (synth: true) "
+                            "replaces its folder. For your own data set synth: false; for the generated one choose "
+                            "an empty or new image_folder")
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     (tmp_dir / "frames").mkdir(parents=True)
