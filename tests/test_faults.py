@@ -355,7 +355,7 @@ def test_run_folder_refuses_another_configuration(train_params, tmp_path, capsys
     code, _, err = run_cli(["train", "--params", other], capsys)
     assert code == 2
     line = one_line(err)
-    assert "learning_rate 0.0002 -> 0.001" in line and "run_name" in line
+    assert "learning_rate 0.002 -> 0.001" in line and "run_name" in line
     assert snapshot(run) == before  # the old run's record is kept
     # settings that do not change what a run computes may differ on a resume
     from actionft.train import check_run_folder
