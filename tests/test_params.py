@@ -275,3 +275,88 @@ def test_qlora_params_are_the_reference_with_a_4bit_base():
     qlora = load_params(ROOT / "params" / "gemma4_e4b_qlora.yaml")
     assert qlora.pop("load_in_4bit") is True and qlora.pop("run_name") != reference.pop("run_name")
     assert qlora == reference
+
+
+# -- notebooks read their parameters through session.configure ------------------------------------------------
+def _bound_names(tree) -> set[str]:
+    """Names a cell binds at notebook level: assignments, loops, with/except targets, imports, defs, walrus (not
+    the locals of functions, classes and comprehensions, which leave the notebook's names alone)."""
+    names: set[str] = set()
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, ast.NamedExpr):
+            names.add(node.target.id)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def test_bound_names_sees_every_kind_of_binding():
+    code = ("import a.b as size\nfrom x import seed\nworkers = 1\nfor batch_size in []: pass\nwith f() as (n_show, k): "
+            "pass\nif (max_clips := 3): pass\ndef lora_r(): run_name = 1\n[synth for synth in []]\n")
+    assert _bound_names(ast.parse(code)) == {"size", "seed", "workers", "batch_size", "n_show", "k", "max_clips",
+                                             "lora_r"}
+
+
+@pytest.mark.parametrize("notebook", list_notebooks(), ids=lambda p: p.stem)
+def test_no_cell_rebinds_a_parameter(notebook):
+    """session.configure(globals()) reads the parameters from the notebook's names: a later cell that re-binds one
+    (`size = ...`, `from actionft import synth`) would change what a re-run of the setup cell reads."""
+    import nbformat
+
+    from actionft.config import SECTION_OF
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    rebound = {}
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
+            clash = _bound_names(ast.parse(cell.source)) & set(SECTION_OF)
+            if clash:
+                rebound[f"cell {i}"] = sorted(clash)
+    assert not rebound, f"{notebook.name} re-binds parameter names (rename the variables): {rebound}"
+
+
+@pytest.mark.parametrize("notebook", list_notebooks(), ids=lambda p: p.stem)
+def test_setup_cell_is_one_configure_call(notebook):
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    assert nb.cells[i + 1].source.startswith("cfg, run = session.configure(globals())\n") or \
+        nb.cells[i + 1].source == "cfg, run = session.configure(globals())"
+    later = "\n".join(c.source for c in nb.cells[i + 2:] if c.cell_type == "code")
+    assert "session.configure" not in later and "resolve_config(" not in later
+
+
+def test_training_notebook_declares_every_training_parameter():
+    """`actionft run` passes a notebook only the parameters it declares: 04 declares every training parameter, so
+    load_in_4bit, report_to, attn_implementation ... of a params file reach training."""
+    from actionft.config import SECTIONS, TRAIN_SECTIONS
+
+    declared = notebook_parameters(next(nb for nb in list_notebooks() if nb.name.startswith("04")))
+    missing = [k for s in TRAIN_SECTIONS for k in SECTIONS[s].model_fields if k not in declared]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("notebook", list_notebooks(), ids=lambda p: p.stem)
+def test_training_defaults_outside_tiny_params_are_the_config_defaults(notebook):
+    """A training parameter params/tiny.yaml leaves out has the typed configuration's default in every notebook."""
+    from actionft.config import defaults
+
+    tiny, config_defaults = load_params(TINY), defaults()
+    declared = {k: ast.literal_eval(v) for k, v in notebook_parameters(notebook).items()}
+    differ = {k: (v, config_defaults[k]) for k, v in declared.items() if k in config_defaults and k not in tiny
+              and v != config_defaults[k]}
+    assert not differ, f"{notebook.name} defaults (left) differ from lib/actionft/config.py (right): {differ}"

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actionft.data import clip_id_of, read_records, validate_dataset
-from actionft.frames import resize_center_crop, sample_times
+from actionft.data import read_records, validate_dataset
+from actionft.errors import ActionftError
+from actionft.frames import sample_times
 from actionft.prepare import prepare_dataset
-from actionft.synth import frame_times, generate_dataset
+from actionft.synth import CLASSES, MISSING_CLIP, compare_prepared, frame_times, generate_dataset, write_annotations
 
 NUM_FRAMES = 4
 # Largest mean |prepared - generated| per frame, on the 0-255 scale. The two differ by H.264 (CRF 18, 4:2:0 chroma:
@@ -45,17 +46,22 @@ def _metadata(path: Path) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def annotations(generated) -> Path:
-    """The simple CSV (file, answer, label, split) built from the generator's metadata.csv and data.json."""
-    answers = {clip_id_of(r["messages"][0]["content"][0]["image"]): r["messages"][1]["content"][0]["text"]
-               for r in read_records(generated / "data.json")}
-    path = generated.parent / "annotations.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["file", "answer", "label", "split"])
-        writer.writeheader()
-        for row in _metadata(generated / "metadata.csv").values():
-            writer.writerow({"file": row["source"], "answer": answers[row["clip_id"]], "label": row["label"],
-                             "split": row["split"]})
+    """The simple CSV (file, answer, label, split) of every generated clip, as notebook 00 writes it."""
+    path = write_annotations(generated, generated.parent / "annotations.csv")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 18 and {r["label"] for r in rows} == set(CLASSES)
     return path
+
+
+def test_annotations_subset_spreads_over_the_classes(generated, tmp_path):
+    path = write_annotations(generated, tmp_path / "a.csv", max_clips=4, add_missing_clip=True)
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 and len({r["label"] for r in rows[:4]}) == 4 and rows[-1] == MISSING_CLIP  # round robin
+    order = [r["clip_id"] for r in _metadata(generated / "metadata.csv").values()]
+    clips = [Path(r["file"]).stem for r in rows[:4]]
+    assert clips == sorted(clips, key=order.index)  # in the generator's order
 
 
 @pytest.fixture(scope="module", params=[None, 224], ids=["native-size", "resized-224"])
@@ -86,35 +92,33 @@ def test_records_and_metadata_match_the_generator(generated, prepared):
 
 
 def test_sampled_times_are_the_generators_frame_times(generated, prepared):
-    _, out, _ = prepared
-    theirs = _metadata(generated / "metadata.csv")
-    for clip_id, row in _metadata(out / "metadata.csv").items():
-        fps, duration = float(theirs[clip_id]["fps"]), float(theirs[clip_id]["duration"])
-        times = [float(t) for t in row["timestamps"].split()]
+    size, out, _ = prepared
+    compared = compare_prepared(generated, out, size=size)
+    assert len(compared) == 18
+    for row in compared:
         # the segment centres where the generator takes its frames, in seconds
-        assert times == pytest.approx([t * duration for t in frame_times(NUM_FRAMES)], abs=1e-3)
-        assert times == pytest.approx(sample_times(duration, NUM_FRAMES), abs=1e-3)
-        # the generator records each frame's display-interval centre ((index + 0.5) / fps), prepare its pts
-        gen_index = [round(float(t) * fps - 0.5) for t in theirs[clip_id]["timestamps"].split()]
-        assert [round(t * fps) for t in times] == gen_index == [2, 6, 10, 14]
+        assert row["times"] == pytest.approx([t * row["duration"] for t in frame_times(NUM_FRAMES)], abs=1e-3)
+        assert row["times"] == pytest.approx(sample_times(row["duration"], NUM_FRAMES), abs=1e-3)
+        assert row["prepared_indices"] == row["frame_indices"] == [2, 6, 10, 14]
 
 
 def test_frames_equal_the_generators_up_to_compression_noise(generated, prepared):
     size, out, _ = prepared
-    worst = 0.0
-    for clip_id in _metadata(out / "metadata.csv"):
-        names = sorted(p.name for p in (out / "frames" / clip_id).glob("*.jpg"))
-        assert names == [f"frame_{k}.jpg" for k in range(1, NUM_FRAMES + 1)]
-        for name in names:
-            theirs = Image.open(generated / "frames" / clip_id / name).convert("RGB")
-            if size is not None:
-                theirs = resize_center_crop(theirs, size)
-            ours = Image.open(out / "frames" / clip_id / name)
-            assert ours.mode == "RGB" and ours.size == theirs.size == ((192, 192) if size is None else (size, size))
-            diff = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16)).mean()
-            assert diff < NOISE_LIMIT, (clip_id, name, diff)
-            worst = max(worst, diff)
-    assert worst > 0.1  # JPEG + H.264 leave some noise: a zero would mean the generator's files were copied
+    compared = compare_prepared(generated, out, size=size)
+    for row in compared:
+        assert row["frames"] == [f"frame_{k}.jpg" for k in range(1, NUM_FRAMES + 1)]
+        assert row["mode"] == "RGB" and row["size"] == ((192, 192) if size is None else (size, size))
+        assert max(row["frame_mean_diff"]) < NOISE_LIMIT, row
+    # JPEG + H.264 leave some noise: a zero would mean the generator's files were copied
+    assert max(max(r["frame_mean_diff"]) for r in compared) > 0.1
+
+
+def test_compare_refuses_frames_of_another_size(generated, prepared):
+    size, out, _ = prepared
+    if size is None:
+        pytest.skip("the native size matches the generator's frames")
+    with pytest.raises(ActionftError, match="pass the size prepare used"):
+        compare_prepared(generated, out)
 
 
 def test_noise_limit_tells_neighbouring_frames_apart(generated):

@@ -144,21 +144,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="held-out metrics for the base model and base + adapter")
     add_params_args(p, required=True)
-    p.add_argument("--adapter", required=True, help="adapter folder from training")
+    p.add_argument("--adapter", help="adapter folder from training (default: the params' adapter_dir)")
     p.add_argument("--out", required=True, help="folder for metrics.json and per-sample results")
-    p.add_argument("--split", default="test", help="held-out split to evaluate (default: test)")
+    p.add_argument("--split", help="held-out split to evaluate (default: the params' eval_split, else test)")
     p.set_defaults(func=_cli)
 
 
-def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str | Path, split: str = "test",
+# What the evaluation parameters mean when a params file leaves them unset (None).
+EVAL_DEFAULTS = {"eval_split": "test", "max_new_tokens": 40, "semantic": True, "n_examples": 0}
+
+
+def evaluation_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation parameters of `params` (checked; see actionft.config), with EVAL_DEFAULTS for unset ones."""
+    from actionft import config
+
+    settings = config.validate(params, ("evaluation",))
+    return {**settings, **{k: v for k, v in EVAL_DEFAULTS.items() if settings[k] is None}}
+
+
+def best_and_worst(rows: list[dict], n: int, key: str) -> dict[str, list[dict]]:
+    """The `n` rows with the highest and the lowest `key` (best first, worst first)."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i][key])
+    return {"best": [rows[i] for i in order[::-1][:n]], "worst": [rows[i] for i in order[:n]]}
+
+
+def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str | Path, split: str | None = None,
                    progress: bool = True) -> dict[str, Any]:
-    """Evaluate base and base + adapter on `split`; write metrics.json and per_sample.json (and, with labels,
-    per_class.json, confusions.json and confusion.png); return metrics."""
+    """Evaluate base and base + adapter on `split` (None: the params' eval_split, else test); write metrics.json and
+    per_sample.json (with labels also per_class.json, confusions.json and confusion.png; with n_examples > 0 also
+    examples.json, the fine-tuned model's best and worst answers); return metrics.
+
+    The evaluation parameters apply: semantic (score semantic similarity), max_new_tokens, label_set,
+    label_template, n_examples."""
     from actionft import train
     from actionft.errors import writable_folder
     from actionft.infer import check_adapter, load_for_inference
 
     cfg = train.resolve_config(params)
+    settings = evaluation_settings(params)
+    split = split or settings["eval_split"]
     # Everything that can be checked is checked before the first model loads: nothing is lost at the end.
     if split not in ("train", "val", "test"):
         raise ActionftError(f"unknown split {split!r}; use test, val or train")
@@ -173,7 +197,8 @@ def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str
         labels.check_covers(samples)
         label_candidates(unique_clips(samples), labels)
     eval_kwargs = dict(labels=labels, max_soft_tokens=cfg["max_soft_tokens"],
-                       batch_size=cfg["per_device_eval_batch_size"], progress=progress)
+                       batch_size=cfg["per_device_eval_batch_size"], max_new_tokens=settings["max_new_tokens"],
+                       semantic=settings["semantic"], progress=progress)
     results, per_sample = {}, {}
     for name, adapter in (("base", None), ("finetuned", adapter_dir)):
         model, processor = load_for_inference(cfg["model_id"], adapter, bf16=False)
@@ -190,6 +215,11 @@ def run_evaluation(params: dict[str, Any], adapter_dir: str | Path, out_dir: str
                                                         if k not in ("clip_id", "frames", "references", "label")}}
             for b, f in zip(per_sample["base"], per_sample["finetuned"])]
     write_json(out_dir / "per_sample.json", rows)
+    if settings["n_examples"]:  # ranked by semantic similarity to the reference (ROUGE-L when that is off)
+        key = "semantic" if settings["semantic"] else "rouge_l"
+        write_json(out_dir / "examples.json", {"ranked_by": key, **best_and_worst(
+            [{k: r[k] for k in ("clip_id", "frames", "references", "finetuned_answer", f"finetuned_{key}")}
+             for r in rows], settings["n_examples"], f"finetuned_{key}")})
     return metrics_out
 
 
@@ -197,7 +227,11 @@ def _cli(args: argparse.Namespace) -> int:
     from actionft import metrics
     from actionft.params import params_from_args
 
-    result = run_evaluation(params_from_args(args), args.adapter, args.out, args.split)
+    params = params_from_args(args)
+    adapter = args.adapter or params.get("adapter_dir")
+    if not adapter:
+        raise ActionftError("give the adapter folder: --adapter DIR (or adapter_dir in the params)")
+    result = run_evaluation(params, adapter, args.out, args.split)
     print(metrics.summary_table({"base": result["base"], "finetuned": result["finetuned"]}))
     print(f"n = {result['n']} held-out clips; written to {Path(args.out) / 'metrics.json'}")
     return 0

@@ -1,4 +1,5 @@
-"""Shared notebook set-up: seeds, display options and the run folder, so every notebook starts the same way."""
+"""Shared notebook set-up: one call turns a notebook's parameters into the checked configuration, seeds everything,
+sets display options and makes the run folder, so every notebook starts the same way."""
 
 from __future__ import annotations
 
@@ -6,9 +7,43 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
+
+
+def configure(namespace: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """`cfg, run = session.configure(globals())` after a notebook's `parameters` cell.
+
+    Takes the names in `namespace` that are parameters of `actionft.config`, checks them as `actionft train` does
+    (names, types, ranges, then the checks across keys; one `ActionftError` line per problem), seeds Python, NumPy
+    and torch with `seed` and makes outputs/<run_name>/. Returns (every parameter, defaults filled in, flat; the run
+    folder). Later cells must not re-bind a parameter's name: a re-run of this cell would read the new value."""
+    from actionft import config, train
+    from actionft.errors import ActionftError
+
+    params = {k: v for k, v in namespace.items() if k in config.SECTION_OF}
+    typos = [config.unknown_hint(k) for k in _near_misses(namespace)]
+    if typos:
+        raise ActionftError("; ".join(typos) + " (the parameters and their ranges: lib/actionft/config.py)")
+    cfg = config.validate(params)
+    # a notebook that reads a reference-format dataset declares data_path; notebook 00 writes one and needs none
+    train.check_across(cfg, needs_data="data_path" in params)
+    # `seed` is the run's seed (training's, TrainingArguments.seed); split_seed and synth_seed pick data, not RNG state
+    run = start(seed=cfg["seed"], run_name=cfg["run_name"], output_root=cfg["output_root"])
+    return cfg, run
+
+
+def _near_misses(namespace: Mapping[str, Any]) -> list[str]:
+    """Names that look like a mistyped parameter (`lora_rr = 8`): a plain value under a name that is not a parameter
+    but nearly spells one. Other names in a notebook (imports, results of later cells) are not parameters."""
+    import difflib
+
+    from actionft import config
+
+    plain = lambda v: v is None or isinstance(v, (bool, int, float, str))  # noqa: E731
+    return [k for k, v in namespace.items() if not k.startswith("_") and k not in config.SECTION_OF and plain(v)
+            and difflib.get_close_matches(k, config.KNOWN, 1, cutoff=0.85)]
 
 
 def start(seed: int = 0, run_name: str = "run", output_root: str = "outputs") -> Path:

@@ -321,6 +321,86 @@ def ensure_dataset(out_dir: str | Path, **kwargs) -> Path:
     return out_dir
 
 
+# The annotation row notebook 00 adds on purpose: a clip that failed to download, to show the failure report.
+MISSING_CLIP = {"file": "videos/grow_9999.mp4", "answer": "The red square grows.", "label": "grow", "split": "train"}
+
+
+def _metadata(path: Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_annotations(dataset_dir: str | Path, path: str | Path, max_clips: int = 0,
+                      add_missing_clip: bool = False) -> Path:
+    """Write a simple annotation CSV (file, answer, label, split) for the generated clips' mp4 files, as
+    `actionft prepare` reads it: `max_clips` clips (0: all) taken round robin over the classes, so every class is
+    in a subset, listed in the generator's order; with `add_missing_clip`, one more row whose video does not exist
+    (MISSING_CLIP)."""
+    from actionft.data import clip_id_of, read_records
+
+    dataset_dir = Path(dataset_dir)
+    answer_of = {clip_id_of(r["messages"][0]["content"][0]["image"]): r["messages"][1]["content"][0]["text"]
+                 for r in read_records(dataset_dir / "data.json")}
+    meta = _metadata(dataset_dir / "metadata.csv")
+    by_label: dict[str, list[int]] = {}
+    for i, row in enumerate(meta):
+        by_label.setdefault(row["label"], []).append(i)
+    spread = [idx[k] for k in range(max(map(len, by_label.values()))) for idx in by_label.values() if k < len(idx)]
+    chosen = sorted(spread[:max_clips] if max_clips else spread)  # in the generator's order
+    out = [{"file": meta[i]["source"], "answer": answer_of[meta[i]["clip_id"]], "label": meta[i]["label"],
+            "split": meta[i]["split"]} for i in chosen]
+    if add_missing_clip:
+        out.append(dict(MISSING_CLIP))
+    path = Path(path)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["file", "answer", "label", "split"])
+        writer.writeheader()
+        writer.writerows(out)
+    return path
+
+
+def compare_prepared(dataset_dir: str | Path, prepared_dir: str | Path, size: int | None = None) -> list[dict]:
+    """Per clip that `actionft prepare` extracted from the generated mp4 files into `prepared_dir`: the frame
+    indices both picked, the sample times, and the mean and largest |prepared - generated| pixel difference (0-255)
+    of each frame; the generator's frames are resized like prepare's (`size`, None or 0: as they are) first."""
+    from PIL import Image
+
+    from actionft.frames import resize_center_crop
+
+    dataset_dir, prepared_dir = Path(dataset_dir), Path(prepared_dir)
+    generated = {r["clip_id"]: r for r in _metadata(dataset_dir / "metadata.csv")}
+    rows = []
+    for m in _metadata(prepared_dir / "metadata.csv"):
+        g = generated[m["clip_id"]]
+        fps = float(g["fps"])
+        times = [float(t) for t in m["timestamps"].split()]
+        names = sorted(p.name for p in (prepared_dir / "frames" / m["clip_id"]).glob("frame_*.jpg"))
+        frame_mean, frame_max, shape, mode = [], [], None, None
+        for name in names:
+            theirs = Image.open(dataset_dir / "frames" / m["clip_id"] / name).convert("RGB")
+            if size:
+                theirs = resize_center_crop(theirs, size)
+            ours = Image.open(prepared_dir / "frames" / m["clip_id"] / name)
+            if ours.size != theirs.size:
+                raise ActionftError(f"{m['clip_id']}/{name}: prepared {ours.size} against the generator's "
+                                    f"{theirs.size}; pass the size prepare used")
+            diff = np.abs(np.asarray(ours.convert("RGB"), dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
+            frame_mean.append(float(diff.mean()))
+            frame_max.append(int(diff.max()))
+            shape, mode = ours.size, ours.mode
+        rows.append({
+            "clip_id": m["clip_id"], "label": g["label"], "frames": names, "mode": mode,
+            "size": shape, "times": times, "duration": float(g["duration"]),
+            # the generator records each frame's display-interval centre, (index + 0.5) / fps; prepare records its pts
+            "frame_indices": [round(float(t) * fps - 0.5) for t in g["timestamps"].split()],
+            "prepared_indices": [round(t * fps) for t in times],
+            "frame_mean_diff": frame_mean, "frame_max_diff": frame_max,
+            "mean_diff": float(np.mean(frame_mean)) if frame_mean else float("nan"),
+            "max_diff": max(frame_max, default=0),
+        })
+    return rows
+
+
 def corpus() -> list[str]:
     """Every sentence the synthetic tasks use: what the tiny tokenizer is trained on."""
     lines = [DEFAULT_PROMPT]

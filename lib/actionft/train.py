@@ -41,14 +41,20 @@ NON_TEXT_MODULES = ("vision_tower", "audio_tower", "embed_vision", "embed_audio"
 def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
     """Defaults + params: names, types and ranges checked (actionft.config), then the checks across keys."""
     cfg = {k: v for k, v in config.validate(params).items() if k in DEFAULTS}  # types and ranges checked
-    if cfg["data_path"] is None and not cfg["synth"]:
+    check_across(cfg)
+    return cfg
+
+
+def check_across(cfg: dict[str, Any], needs_data: bool = True) -> None:
+    """The checks across keys of a validated configuration (`needs_data`: the run reads a dataset, so one must be
+    named)."""
+    if needs_data and cfg["data_path"] is None and not cfg["synth"]:
         raise ActionftError("set data_path and image_folder (or synth: true for the generated dataset)")
     if cfg["load_in_4bit"]:
         check_quantized(cfg)
     reporters = report_targets(cfg)
     if "none" in reporters and len(reporters) > 1:
         raise ActionftError(f"report_to: 'none' cannot be combined with {reporters}; choose one or the other")
-    return cfg
 
 
 def check_quantized(cfg: dict[str, Any]) -> None:
