@@ -348,15 +348,3 @@ def test_training_notebook_declares_every_training_parameter():
     declared = notebook_parameters(next(nb for nb in list_notebooks() if nb.name.startswith("04")))
     missing = [k for s in TRAIN_SECTIONS for k in SECTIONS[s].model_fields if k not in declared]
     assert not missing, missing
-
-
-@pytest.mark.parametrize("notebook", list_notebooks(), ids=lambda p: p.stem)
-def test_training_defaults_outside_tiny_params_are_the_config_defaults(notebook):
-    """A training parameter params/tiny.yaml leaves out has the typed configuration's default in every notebook."""
-    from actionft.config import defaults
-
-    tiny, config_defaults = load_params(TINY), defaults()
-    declared = {k: ast.literal_eval(v) for k, v in notebook_parameters(notebook).items()}
-    differ = {k: (v, config_defaults[k]) for k, v in declared.items() if k in config_defaults and k not in tiny
-              and v != config_defaults[k]}
-    assert not differ, f"{notebook.name} defaults (left) differ from lib/actionft/config.py (right): {differ}"

@@ -26,7 +26,7 @@ def test_values_flow_through(tmp_path):
     assert run == tmp_path / "t" and run.is_dir()
     assert cfg["lora_r"] == 8 and cfg["learning_rate"] == 1e-3 and cfg["semantic"] is False
     assert cfg["n_show"] == 3 and cfg["size"] == 224  # the evaluation and prepare sections come along
-    assert cfg["lora_alpha"] == 32 and cfg["eval_split"] is None  # what the notebook leaves out: the defaults
+    assert cfg["lora_alpha"] == 128 and cfg["eval_split"] is None  # what the notebook leaves out: the defaults
     assert "np" not in cfg and "In" not in cfg
     seeded = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
