@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, executed copies in outputs/<run>/
 	$(BIN)/actionft run --params $(PARAMS)
 
-test: setup  ## unit tests + every notebook re-executed by nbval
-	$(BIN)/python -m pytest tests notebooks -m "not smoke and not qlora" --nbval-lax --nbval-current-env
+# The notebooks first: the browser test then opens 05 with the adapter that 04 trained.
+test: setup  ## every notebook re-executed by nbval + unit tests + the notebooks in JupyterLab
+	$(BIN)/python -m pytest notebooks tests -m "not smoke and not qlora" --nbval-lax --nbval-current-env
 
 # tests/test_browser.py starts JupyterLab with these same arguments
 LAB_ARGS := --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks

@@ -19,6 +19,16 @@ def synth_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_no_val(tmp_path_factory) -> Path:
+    """9 train + 9 test clips, no val split (training runs without evaluation), with mp4 videos (do not modify)."""
+    from actionft.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate_dataset(out, clips_per_class=2, val_per_class=0, test_per_class=1, num_frames=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def synth_samples(synth_dataset):
     """The generated dataset loaded with its metadata (labels and splits)."""
     from actionft.data import load_dataset

@@ -1,6 +1,6 @@
 """Notebooks as a person uses them: JupyterLab started the way `make lab` starts it, driven in headless Chromium.
 
-Notebooks 01-03 are run from the Run menu; each must finish without an error output and with its figures; 02's
+Notebooks 01-03 and 05 (with the embedded run's adapter) are run from the Run menu; each must finish without an error output and with its figures; 02's
 sample browser must render as a widget whose buttons, slider and class filter change the shown sample; a notebook
 saved in the lab (outputs, JupyterLab's own metadata) must clean to exactly its committed text. Screenshots go to
 outputs/browser/. Needs Debian's Chromium (`apt-get install -y chromium`) and the `playwright` package of the dev
@@ -175,12 +175,27 @@ def save_and_read(page, path: Path) -> nbformat.NotebookNode:
     return nbformat.read(str(path), as_version=4)
 
 
+@pytest.fixture(scope="module")
+def tiny_adapter() -> Path:
+    """Notebook 05 answers with the embedded run's adapter: the one notebook 04 wrote (`make test` runs the notebooks
+    before the tests), else the same run trained here (a few minutes)."""
+    adapter = ROOT / "outputs" / "tiny" / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, "-m", "actionft.cli", "train", "--params", "params/tiny.yaml"], cwd=ROOT,
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+    return adapter
+
+
 @pytest.mark.parametrize(("name", "min_images"), [
     ("01_explore_dataset.ipynb", 2),
     ("02_visualize_frames.ipynb", 4),
     ("03_check_collator.ipynb", 0),
+    ("05_run_inference.ipynb", 1),
 ])
-def test_run_all_in_jupyterlab(lab, page, name, min_images):
+def test_run_all_in_jupyterlab(lab, page, name, min_images, request):
+    if name.startswith("05"):
+        request.getfixturevalue("tiny_adapter")
     path = ROOT / "notebooks" / name
     committed = path.read_text()
     try:

@@ -19,7 +19,7 @@ from actionft.data import read_records, validate_dataset
 from actionft.errors import ActionftError
 from actionft.frames import sample_times
 from actionft.prepare import prepare_dataset
-from actionft.synth import CLASSES, MISSING_CLIP, compare_prepared, frame_times, generate_dataset, write_annotations
+from actionft.synth import CLASSES, MISSING_CLIP, compare_prepared, frame_times, write_annotations
 
 NUM_FRAMES = 4
 # Largest mean |prepared - generated| per frame, on the 0-255 scale. The two differ by H.264 (CRF 18, 4:2:0 chroma:
@@ -32,11 +32,8 @@ NOISE_LIMIT = 2.0
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "data"
-    generate_dataset(out, clips_per_class=2, val_per_class=0, test_per_class=1, num_frames=NUM_FRAMES,
-                     progress=False)
-    return out
+def generated(synth_no_val) -> Path:
+    return synth_no_val
 
 
 def _metadata(path: Path) -> dict[str, dict[str, str]]:

@@ -13,18 +13,14 @@ import torch
 from actionft.collate import IGNORE_INDEX, Collator, check_labels, check_padding, check_soft_tokens, check_template
 from actionft.data import Sample, load_dataset
 from actionft.paths import resolve_path
-from actionft.synth import generate_dataset, random_clip, render, write_video
+from actionft.synth import random_clip, render, write_video
 
 NUM_FRAMES = 4
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """9 train + 9 test clips, no val split (so training runs without evaluation)."""
-    out = tmp_path_factory.mktemp("synth") / "data"
-    generate_dataset(out, clips_per_class=2, val_per_class=0, test_per_class=1, num_frames=NUM_FRAMES,
-                     progress=False)
-    return out
+def dataset(synth_no_val) -> Path:
+    return synth_no_val
 
 
 @pytest.fixture(scope="module")

@@ -6,3 +6,8 @@ __version__ = "0.1.0"
 DEFAULT_PROMPT = (
     "Please analyze the sequence of frames from this video. What specific action or event is happening?"
 )
+
+# Known harmless library messages are filtered before any library that prints them is imported (actionft.quiet).
+from actionft import quiet as _quiet  # noqa: E402
+
+_quiet.install()

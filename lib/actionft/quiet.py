@@ -1,6 +1,7 @@
 """Library messages a learner cannot act on, silenced at their source, each with the reason it is harmless.
 
-`install()` runs in every notebook (through `session.start`) and in the CLI. Each filter matches one exact message
+`install()` runs when the package is imported (a notebook's import cell comes before its setup cell, and bitsandbytes
+speaks as it is imported), again in every notebook's setup and in the CLI. Each filter matches one exact message
 of one library, so any other warning still shows. `probe_deepspeed_ops()` runs DeepSpeed's compiler probe the way
 DeepSpeed means it to run (compiler errors discarded). `use_text_progress()` makes progress bars plain text where no
 browser renders widgets (papermill and nbval runs), so executed copies show how far each bar got.
@@ -28,8 +29,9 @@ WARNINGS = [
 # (logger name, start of the message, why it is harmless)
 LOG_MESSAGES = [
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward",
-     "an optional fast kernel for 4-bit weights on CPU; this repo never loads 4-bit weights (only the optimizer "
-     "state is 8-bit)"),
+     "an optional prebuilt kernel (the `kernels` package, fetched from the Hub) for 4-bit matmuls on AVX512-BF16 "
+     "CPUs; 4-bit layers here run bitsandbytes' generic path on CPU (modeling._generic_cpu_4bit_path), never that "
+     "kernel"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found",
      "DeepSpeed imports torch's extension builder to probe its ops; on a CPU-only machine nothing CUDA is built"),
     ("DeepSpeed", "Setting accelerator to CPU",
