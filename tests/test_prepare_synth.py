@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actionft.data import read_records, validate_dataset
+from actionft.data import read_metadata, read_records, validate_dataset
 from actionft.errors import ActionftError
 from actionft.frames import sample_times
 from actionft.prepare import prepare_dataset
@@ -36,11 +36,6 @@ def generated(synth_no_val) -> Path:
     return synth_no_val
 
 
-def _metadata(path: Path) -> dict[str, dict[str, str]]:
-    with path.open(newline="") as fh:
-        return {row["clip_id"]: row for row in csv.DictReader(fh)}
-
-
 @pytest.fixture(scope="module")
 def annotations(generated) -> Path:
     """The simple CSV (file, answer, label, split) of every generated clip, as notebook 00 writes it."""
@@ -56,7 +51,7 @@ def test_annotations_subset_spreads_over_the_classes(generated, tmp_path):
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 5 and len({r["label"] for r in rows[:4]}) == 4 and rows[-1] == MISSING_CLIP  # round robin
-    order = [r["clip_id"] for r in _metadata(generated / "metadata.csv").values()]
+    order = [r["clip_id"] for r in read_metadata(generated / "metadata.csv").values()]
     clips = [Path(r["file"]).stem for r in rows[:4]]
     assert clips == sorted(clips, key=order.index)  # in the generator's order
 
@@ -76,7 +71,7 @@ def test_records_and_metadata_match_the_generator(generated, prepared):
     assert report.ok == report.records == 18
     # same frame paths, question and answers: the generator writes the reference format too
     assert read_records(out / "data.json") == read_records(generated / "data.json")
-    ours, theirs = _metadata(out / "metadata.csv"), _metadata(generated / "metadata.csv")
+    ours, theirs = read_metadata(out / "metadata.csv"), read_metadata(generated / "metadata.csv")
     assert list(ours) == list(theirs)
     for clip_id, row in ours.items():
         assert (row["label"], row["split"], row["source"]) == (theirs[clip_id]["label"], theirs[clip_id]["split"],

@@ -20,13 +20,10 @@ def configure(namespace: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
     and torch with `seed` and makes outputs/<run_name>/. Returns (every parameter, defaults filled in, flat; the run
     folder). Later cells must not re-bind a parameter's name: a re-run of this cell would read the new value."""
     from actionft import config, train
-    from actionft.errors import ActionftError
 
     params = {k: v for k, v in namespace.items() if k in config.SECTION_OF}
-    typos = [config.unknown_hint(k) for k in _near_misses(namespace)]
-    if typos:
-        raise ActionftError("; ".join(typos) + " (the parameters and their ranges: lib/actionft/config.py)")
-    cfg = config.validate(params)
+    # a near miss goes in too, so that validate refuses it as it refuses an unknown key anywhere
+    cfg = config.validate({**params, **{k: namespace[k] for k in _near_misses(namespace)}})
     # a notebook that reads a reference-format dataset declares data_path; notebook 00 writes one and needs none
     train.check_across(cfg, needs_data="data_path" in params)
     # `seed` is the run's seed (training's, TrainingArguments.seed); split_seed and synth_seed pick data, not RNG state

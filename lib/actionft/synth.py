@@ -325,23 +325,18 @@ def ensure_dataset(out_dir: str | Path, **kwargs) -> Path:
 MISSING_CLIP = {"file": "videos/grow_9999.mp4", "answer": "The red square grows.", "label": "grow", "split": "train"}
 
 
-def _metadata(path: Path) -> list[dict[str, str]]:
-    with Path(path).open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def write_annotations(dataset_dir: str | Path, path: str | Path, max_clips: int = 0,
                       add_missing_clip: bool = False) -> Path:
     """Write a simple annotation CSV (file, answer, label, split) for the generated clips' mp4 files, as
     `actionft prepare` reads it: `max_clips` clips (0: all) taken round robin over the classes, so every class is
     in a subset, listed in the generator's order; with `add_missing_clip`, one more row whose video does not exist
     (MISSING_CLIP)."""
-    from actionft.data import clip_id_of, read_records
+    from actionft.data import clip_id_of, read_metadata, read_records
 
     dataset_dir = Path(dataset_dir)
     answer_of = {clip_id_of(r["messages"][0]["content"][0]["image"]): r["messages"][1]["content"][0]["text"]
                  for r in read_records(dataset_dir / "data.json")}
-    meta = _metadata(dataset_dir / "metadata.csv")
+    meta = list(read_metadata(dataset_dir / "metadata.csv").values())
     by_label: dict[str, list[int]] = {}
     for i, row in enumerate(meta):
         by_label.setdefault(row["label"], []).append(i)
@@ -365,12 +360,13 @@ def compare_prepared(dataset_dir: str | Path, prepared_dir: str | Path, size: in
     of each frame; the generator's frames are resized like prepare's (`size`, None or 0: as they are) first."""
     from PIL import Image
 
+    from actionft.data import read_metadata
     from actionft.frames import resize_center_crop
 
     dataset_dir, prepared_dir = Path(dataset_dir), Path(prepared_dir)
-    generated = {r["clip_id"]: r for r in _metadata(dataset_dir / "metadata.csv")}
+    generated = read_metadata(dataset_dir / "metadata.csv")
     rows = []
-    for m in _metadata(prepared_dir / "metadata.csv"):
+    for m in read_metadata(prepared_dir / "metadata.csv").values():
         g = generated[m["clip_id"]]
         fps = float(g["fps"])
         times = [float(t) for t in m["timestamps"].split()]
