@@ -36,7 +36,7 @@ LAB_ARGS := --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 lab: setup  ## JupyterLab at the repository root, opened on notebooks/, with the project's environment
 	$(BIN)/jupyter lab $(LAB_ARGS)
 
-smoke-e4b: $(STAMP)  ## the reference recipe at E4B's full width (4 layers, random weights) on the Kinetics-3K sample, on CPU
+smoke-e4b: $(STAMP)  ## the reference recipe at E4B's full width (reduced depth, random weights) on the Kinetics-3K sample, on CPU (~4 min)
 	$(BIN)/python -m pytest tests/test_smoke_e4b.py -m smoke -s -q
 
 qlora-demo: $(STAMP)  ## the embedded run on a 4-bit base: train, evaluate on the full-precision base, check top-1 (30-60 min)
