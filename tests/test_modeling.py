@@ -215,3 +215,17 @@ def test_tiny_base_rebuild_has_the_packaged_structure(tmp_path):
     audio = [k for k in weights if ".audio_tower." in k or ".embed_audio." in k]
     assert audio and all(torch.equal(weights[k], initial[k]) for k in audio)
     assert not torch.equal(weights["model.language_model.norm.weight"], initial["model.language_model.norm.weight"])
+
+
+def test_incomplete_local_folder_names_what_is_missing(tmp_path):
+    """A folder with the model's config but no processor files is not a cache problem: say what the folder lacks."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(TINY_BASE_DIR / "config.json", folder / "config.json")
+    with pytest.raises(ActionftError) as err:
+        load_processor(str(folder))
+    message = str(err.value)
+    assert str(folder) in message and "processor_config.json" in message
+    assert "hf download" not in message and "Hugging Face cache" not in message

@@ -36,6 +36,14 @@ def resolve_model_id(model_id: str) -> str:
 
 
 def _missing_weights_error(model_id: str, err: Exception) -> ActionftError:
+    local = resolve_path(model_id)
+    if model_id != TINY_ALIAS and local is not None and local.is_dir():
+        return ActionftError(
+            f"cannot load the model folder {local}: {str(err).splitlines()[0] if str(err) else type(err).__name__}\n"
+            "  A model folder needs the files `save_pretrained` writes for the model and its processor (config.json,"
+            " the weights, processor_config.json or preprocessor_config.json, the tokenizer files); copy the whole"
+            " downloaded folder."
+        )
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     return ActionftError(
         f"cannot load {model_id!r}: its files are not in the local Hugging Face cache ({cache}) and could not be "
