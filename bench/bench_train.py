@@ -10,6 +10,9 @@ the same LoRA math (r=16, alpha 32, dropout 0.05 on the 7 projections of every t
   fastest    the fastest measured of a few candidates: micro-batch 8 x 1 or 4 x 2, left padding + logits only where
              supervised (the LM head and Gemma 4's K/V-shared last layers skip the prompt), SDPA, no checkpointing
   lowmem     the lowest peak memory measured: checkpointing, micro-batch 1 x 8, supervised-only logits, 8-bit AdamW
+  qlora      params/gemma4_e4b_qlora.yaml: lowmem's ZeRO-2 candidate on a 4-bit base (the language model's linear
+             layers in NF4 with double quantization, bf16 matmuls; towers, embeddings and LM head in bf16). Needs
+             bitsandbytes with a native library for the device; without one it is recorded as skipped
 
 Modes:
   --mode tiny  the packaged tiny Gemma 4 (`model_id: tiny`) on the CPU (or GPU); about a minute; CI smoke-tests it.
@@ -59,6 +62,9 @@ from types import SimpleNamespace
 
 import torch
 
+with contextlib.suppress(ImportError):  # lib/ on the path: its import silences known harmless library messages
+    import actionft  # noqa: F401  (e.g. bitsandbytes' note on an optional CPU kernel, printed at its import)
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Please analyze the sequence of frames from this video. What specific action or event is happening?"
 REFERENCE_SAMPLES_PER_S = 1.859  # seed_run.md: 5,026.56 s for 3 epochs of 3,115 samples, GPU not stated
@@ -105,6 +111,7 @@ CONFIGURATIONS: dict[str, list[tuple[str, dict]]] = {
         ("b1x8 ckpt left kept", _variant(1, 8, True, None, True, "left")),
         ("b1x8 ckpt left kept zero2", _variant(1, 8, True, ZERO2, True, "left")),
     ],
+    "qlora": [("b1x8 ckpt left kept zero2 nf4", {**_variant(1, 8, True, ZERO2, True, "left"), "load_in_4bit": True})],
 }
 
 
@@ -135,6 +142,37 @@ def build_e4b(device: str | torch.device, dtype=torch.bfloat16, attn_implementat
             config, dtype=dtype,
             attn_implementation=attn_per_submodel(attn_implementation, config.audio_config is not None),
         )
+
+
+def quantize_text_linears(model, compute_dtype=torch.bfloat16) -> int:
+    """The language model's linear layers to bitsandbytes NF4 with double quantization, in place on the device they
+    are on: what `load_model(..., load_in_4bit=True)` does while loading a checkpoint (`modeling.quantization_config`,
+    the modules of `modeling.NOT_QUANTIZED` left as they are), for a model built with random weights, which has no
+    checkpoint to load from. Returns how many layers were quantized."""
+    import bitsandbytes as bnb
+
+    from actionft.modeling import NOT_QUANTIZED
+
+    def kept(name: str) -> bool:
+        return any(name == skip or name.startswith(skip + ".") for skip in NOT_QUANTIZED)
+
+    n = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is not torch.nn.Linear or kept(name):
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", module=q).to(child.weight.device)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, q)
+            n += 1
+    model.is_loaded_in_4bit = True  # what peft reads to wrap these layers with its 4-bit LoRA
+    return n
 
 
 # -- samples --------------------------------------------------------------------------------------------------
@@ -497,9 +535,26 @@ def zero_stage(deepspeed_config: str | None) -> int | None:
     return json.loads(path.read_text()).get("zero_optimization", {}).get("stage")
 
 
+def bitsandbytes_unusable() -> str | None:
+    """None when bitsandbytes imports and its native library quantizes a tensor on this process's device (a wheel
+    without a library for the device's CUDA still imports), else why not."""
+    why = importable("bitsandbytes")
+    if why:
+        return why
+    try:
+        import bitsandbytes.functional as bnbf
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bnbf.quantize_4bit(torch.ones(64, 64, device=device, dtype=torch.bfloat16), quant_type="nf4")
+    except Exception as err:  # noqa: BLE001  (a missing or mismatched native library fails in many ways)
+        return f"its native library does not run here: {type(err).__name__}: {str(err).splitlines()[0][:150]}"
+    return None
+
+
 def fit_to_machine(params: dict) -> tuple[dict, list[str]]:
     """What this machine can run of `params`: without DeepSpeed no ZeRO, without bitsandbytes a torch AdamW instead
-    of an 8-bit one. Returns the params and one line per substitution (recorded, not a failure)."""
+    of an 8-bit one. Returns the params and one line per substitution (recorded, not a failure). A 4-bit base
+    without bitsandbytes has no substitute: `run_variant` records the variant as skipped."""
     params, notes = dict(params), []
     if params.get("deepspeed"):
         why = importable("deepspeed")
@@ -507,7 +562,7 @@ def fit_to_machine(params: dict) -> tuple[dict, list[str]]:
             notes.append(f"deepspeed unavailable ({why}): ZeRO-{zero_stage(params['deepspeed'])} off")
             params["deepspeed"] = None
     if "8bit" in params.get("optim", "") or params.get("optim", "").startswith("paged_"):
-        why = importable("bitsandbytes")
+        why = bitsandbytes_unusable()
         if why:
             notes.append(f"bitsandbytes unavailable ({why}): adamw_torch instead of {params['optim']}")
             params["optim"] = "adamw_torch"
@@ -579,16 +634,26 @@ def run_variant(spec: dict) -> dict:
     params, substitutions = fit_to_machine(requested)
     for note in substitutions:
         print(f"on this machine: {note}", flush=True)
+    if params.get("load_in_4bit") and (why := bitsandbytes_unusable()):
+        return {"configuration": spec["configuration"], "variant": spec["variant"],
+                "skipped": f"bitsandbytes unavailable ({why}): a 4-bit base needs it"}
     baseline_rss = rss_bytes()
     stages = {"after_imports": baseline_rss}
     cfg = resolve_config(params)
     set_seed(cfg["seed"])
     if spec["mode"] == "tiny":
-        base = load_model("tiny", bf16=cfg["bf16"], attn_implementation=cfg["attn_implementation"])
+        base = load_model("tiny", bf16=cfg["bf16"], attn_implementation=cfg["attn_implementation"],
+                          load_in_4bit=cfg["load_in_4bit"])
         pad_id = base.config.text_config.pad_token_id
     else:
         base = build_e4b("cuda" if on_gpu else "cpu", attn_implementation=cfg["attn_implementation"])
+        if cfg["load_in_4bit"]:
+            quantize_text_linears(base, torch.bfloat16)
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
         pad_id = 0
+    linears_4bit = sum(type(m).__name__ == "Linear4bit" for m in base.modules())
     flop_model = FlopModel.from_model(base, cfg["lora_r"])
     first_shared = len(flop_model.layers) - sum(layer.shared for layer in flop_model.layers)
     full_head_dims = sorted({layer.self_attn.head_dim for layer in base.model.language_model.layers
@@ -683,6 +748,7 @@ def run_variant(spec: dict) -> dict:
         "gradient_checkpointing": cfg["gradient_checkpointing"], "deepspeed": cfg["deepspeed"],
         "supervised_logits_only": cfg["supervised_logits_only"], "padding_side": cfg["padding_side"],
         "optim": cfg["optim"], "bf16": cfg["bf16"], "attn_implementation": cfg["attn_implementation"],
+        "load_in_4bit": cfg["load_in_4bit"], "linears_4bit": linears_4bit,
         # what really ran where the machine lacks a package of the reference stack (recorded, not a failure)
         "optimizer": cfg["optim"], "optimizer_class": optimizer_class(trainer.optimizer),
         "zero_stage": zero_stage(cfg["deepspeed"]), "requested_optim": requested["optim"],
@@ -1035,7 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="tiny (default without CUDA) or e4b (default with CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per variant (tiny 3, e4b 6)")
     p.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first, >= 1 (default 1)")
-    p.add_argument("--configs", default="reference,fastest,lowmem", help="comma-separated configurations")
+    p.add_argument("--configs", default="reference,fastest,lowmem,qlora", help="comma-separated configurations")
     p.add_argument("--variants", choices=("first", "all"), default=None,
                    help="candidates per configuration: first only (tiny default) or all (e4b default)")
     p.add_argument("--out", default="outputs/bench/bench_train.json", help="JSON list of records")
@@ -1162,6 +1228,11 @@ def main(argv: list[str] | None = None) -> int:
             record_file = Path(spec["record_file"])
             if rc == 0 and record_file.is_file():
                 record = json.loads(record_file.read_text())
+                if "skipped" in record:
+                    print(f"  {configuration:<9} {name:<28} skipped ({record['skipped']})", flush=True)
+                    skipped.append(record)
+                    write_records()
+                    continue
             else:
                 tail = "\n".join(log.read_text().splitlines()[-30:])
                 print(f"variant {configuration}/{name} failed ({rc}):\n{tail}", file=sys.stderr)

@@ -12,7 +12,11 @@ x86_64, exactly the wheels whose versions the project pins and the machine's own
   typing-inspection, typing-extensions; the project's configuration needs it, and nothing in the machine's image
   guarantees it)
 
-and then bitsandbytes (for the 8-bit optimizer) only if the total stays under the limit. torch stays the machine's
+and then bitsandbytes (the 8-bit optimizer and the 4-bit base of QLoRA) only if the total stays under the limit.
+Its wheel carries native libraries for every CUDA, ROCm and XPU release (41 MiB); bitsandbytes loads the library of
+the CUDA major version torch was built with, and the machine's torch is built for CUDA 13, so the bundle's copy keeps
+the CPU library and the CUDA 13.x ones (~7 MiB) and drops the rest (same name and version; RECORD lists what it holds;
+the manifest names what was dropped and the original wheel's sha256). torch stays the machine's
 own (GBs, built for its CUDA); numpy, pillow, pyyaml, regex, tqdm, typer come with the machine's transformers and
 torch; DeepSpeed needs a build and PyAV is not used by the benchmark: the benchmark records what it ran without.
 
@@ -30,6 +34,8 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +47,8 @@ REQUIRED = ("transformers", "peft", "accelerate", "tokenizers", "safetensors", "
 WITH_DEPENDENCIES = ("pydantic",)
 HUB = "huggingface-hub==1.33.0"  # not pinned in pyproject.toml; see the module docstring
 OPTIONAL = ("bitsandbytes",)  # carried only when the total stays under the limit
+# native libraries an optional wheel keeps (file names starting so); the others are for hardware the machine lacks
+KEEP_NATIVE = {"bitsandbytes": ("libbitsandbytes_cpu", "libbitsandbytes_cuda13")}
 MIB = 2**20
 
 
@@ -80,6 +88,29 @@ def download(requirements: list[str], dest: Path, deps: bool = False) -> list[Pa
     return sorted(set(files))
 
 
+def trim_wheel(source: Path, dest: Path, keep: tuple[str, ...]) -> dict:
+    """Copy wheel `source` to `dest` without the native libraries (`*.so`) whose file names do not start with one of
+    `keep`; RECORD is rewritten to list what the copy holds (the kept files' hashes are unchanged). Returns what was
+    dropped, for the manifest."""
+    dropped: list[str] = []
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        names = zin.namelist()
+        for name in names:
+            base = name.rsplit("/", 1)[-1]
+            if ".so" in base and not base.startswith(keep):
+                dropped.append(name)
+        for name in names:
+            if name in dropped:
+                continue
+            data = zin.read(name)
+            if name.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if line.split(",", 1)[0] not in dropped).encode()
+            zout.writestr(zin.getinfo(name), data)
+    return {"trimmed_from": source.name, "original_bytes": source.stat().st_size,
+            "original_sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "dropped": sorted(dropped)}
+
+
 def wheel_name(path: Path) -> str:
     return path.name.split("-")[0].lower().replace("_", "-")
 
@@ -101,18 +132,27 @@ def main(argv: list[str] | None = None) -> int:
         required = [pinned[name] for name in REQUIRED if name not in WITH_DEPENDENCIES] + [HUB]
         wanted = download(required, dest)
         wanted += download([pinned[name] for name in WITH_DEPENDENCIES], dest, deps=True)
+        trimmed: dict[str, dict] = {}
         for name in OPTIONAL if not args.no_optional else ():
             spec = pinned.get(name, name)
-            try:
-                extra = download([spec], dest)
-            except subprocess.CalledProcessError:
-                notes.append(f"{spec}: no wheel could be downloaded for CPython {PYTHON_VERSION} manylinux x86_64")
-                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    original = download([spec], Path(tmp))
+                except subprocess.CalledProcessError:
+                    notes.append(f"{spec}: no wheel could be downloaded for CPython {PYTHON_VERSION} manylinux x86_64")
+                    continue
+                extra = []
+                for wheel in original:
+                    if name in KEEP_NATIVE:
+                        trimmed[wheel.name] = trim_wheel(wheel, dest / wheel.name, KEEP_NATIVE[name])
+                    else:
+                        (dest / wheel.name).write_bytes(wheel.read_bytes())
+                    extra.append(dest / wheel.name)
             total = tree + sum(w.stat().st_size for w in wanted + extra)
             if total > args.limit_mib * MIB:
                 notes.append(f"{spec}: left out, {sum(w.stat().st_size for w in extra) / MIB:.1f} MiB would bring "
                              f"the total to {total / MIB:.1f} MiB (limit {args.limit_mib:g}); the benchmark runs "
-                             "a torch AdamW instead of the 8-bit one and records it")
+                             "a torch AdamW instead of the 8-bit one, skips qlora, and records both")
                 for w in extra:
                     w.unlink()
             else:
@@ -125,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = {
             "python": PYTHON_VERSION, "platforms": list(PLATFORMS),
             "wheels": [{"file": w.name, "bytes": w.stat().st_size,
-                        "sha256": hashlib.sha256(w.read_bytes()).hexdigest()} for w in sorted(wanted)],
+                        "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), **trimmed.get(w.name, {})}
+                       for w in sorted(wanted)],
             "left_out": notes,
         }
         (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -133,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     bundle = sorted(dest.glob("*.whl"))
     bundle_bytes = sum(w.stat().st_size for w in bundle) + sum(f.stat().st_size for f in dest.glob("*.json"))
     for w in bundle:
-        print(f"  {w.stat().st_size / MIB:6.2f} MiB  {w.name}")
+        print(f"  {w.stat().st_size / MIB:6.2f} MiB  {w.name}"
+              + (f"  (native libraries: {', '.join(KEEP_NATIVE[wheel_name(w)])}* only)"
+                 if wheel_name(w) in KEEP_NATIVE else ""))
     for note in notes:
         print(f"  (not carried) {note}")
     total = tree + bundle_bytes

@@ -2,7 +2,8 @@
 # The GPU benchmark in one command, on a bare, offline GPU machine that received this working tree and .gpu-bundle/
 # (made here by `make gpu-bundle`). Installs the bundle into a temporary site folder (the project itself is not
 # installed: PYTHONPATH=lib), runs the E4B variants of bench/bench_train.py that fit in the time budget (the first
-# candidate of reference, fastest and lowmem first, each in its own process with a timeout), and writes into $OUT:
+# candidate of reference, fastest, lowmem and qlora first, each in its own process with a timeout), and writes
+# into $OUT:
 #
 #   gpu_check.json    one record per configuration (written after every variant, so a stopped run keeps what it
 #                     measured): samples/s, peak memory, MFU, loss, device, torch/CUDA and package versions, the SDPA

@@ -5,7 +5,8 @@
 
 `merge` adds the run (device, environment, records, table) to docs/benchmarks.json, replacing an earlier run of the
 same device at the same time, and prints each configuration against the benchmark's targets (fastest >= 5x the
-reference's 1.859 samples/s; a <= 24 GB configuration at >= 1.859 samples/s) and against the analytic estimate.
+reference's 1.859 samples/s; a <= 24 GB configuration at >= 1.859 samples/s; QLoRA <= 12 GiB) and against the
+analytic estimate.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("gpu_check.json", "gpu_check.md", "environment.json", "gpu_check.log")
 MAX_FILES = 8  # what comes back from the GPU machine's $OUT
-CONFIGURATIONS = ("reference", "fastest", "lowmem")
+CONFIGURATIONS = ("reference", "fastest", "lowmem", "qlora")
 REFERENCE_SAMPLES_PER_S = 1.859
 TARGET_FASTEST = 5 * REFERENCE_SAMPLES_PER_S
 LOWMEM_BUDGET_GB = 24.0
+QLORA_BUDGET_GIB = 12.0
 CUDA_CONTEXT_GB = 1.0  # max_memory_reserved leaves out the CUDA context and fragmentation (about 0.5-1 GB)
 # variant -> the row of the analytic estimate (bench_train.py --estimate) that models it
 ESTIMATE_ROWS = {
@@ -32,6 +34,8 @@ ESTIMATE_ROWS = {
     "b8x1 left kept": "fastest candidate (b8 x 1, no ckpt, supervised-only)",
     "b8x1 ckpt left kept": "fastest candidate (b8 x 1, ckpt, supervised-only)",
     "b4x2 left kept": "fastest candidate (b4 x 2, no ckpt, supervised-only)",
+    "b1x8 ckpt left kept zero2 nf4":
+        "qlora: params/gemma4_e4b_qlora.yaml (b1 x 8, ckpt, ZeRO-2, supervised-only logits)",
 }
 
 
@@ -63,10 +67,15 @@ def check(out: Path, bundle: Path | None) -> list[str]:
         return problems
     records, env = load(out)
     by_config = {r["configuration"]: r for r in records if "skipped" not in r}
+    bundle_bnb = bundle is not None and bundle.is_dir() and "bitsandbytes" in wheel_versions(bundle)
     for name in CONFIGURATIONS:
         r = by_config.get(name)
         if r is None:
-            problems.append(f"{name}: not measured ({[x.get('skipped') for x in records if x['configuration'] == name]})")
+            why = [x.get("skipped") for x in records if x["configuration"] == name]
+            # a 4-bit base needs bitsandbytes: without it in the bundle, saying so is the right record
+            if name == "qlora" and why and not bundle_bnb and all("bitsandbytes unavailable" in w for w in why):
+                continue
+            problems.append(f"{name}: not measured ({why})")
             continue
         if "error" in r:
             problems.append(f"{name}: failed: {r['error']}")
@@ -77,6 +86,9 @@ def check(out: Path, bundle: Path | None) -> list[str]:
                     "sdpa_backend_full_attention", "substitutions", "attn_per_submodel"):
             if key not in r:
                 problems.append(f"{name}: the record lacks {key}")
+        if name == "qlora" and not (r.get("load_in_4bit") and r.get("linears_4bit")):
+            problems.append(f"{name}: the base was not 4-bit (load_in_4bit {r.get('load_in_4bit')}, "
+                            f"{r.get('linears_4bit')} 4-bit linear layers)")
         if not r.get("sdpa_backend_full_attention"):
             problems.append(f"{name}: no SDPA call seen on the full-attention layers ({r.get('sdpa_backends')})")
         packages = r.get("environment", {}).get("packages", {})
@@ -112,6 +124,11 @@ def verdicts(records: list[dict], estimate: dict | None) -> list[str]:
                          f"with the CUDA context, {r['samples_per_s']:.3f} samples/s)")
     if not any(line.startswith("<= 24 GB") for line in lines) and ok:
         lines.append("<= 24 GB at >= 1.859 samples/s: NOT met by any configuration measured")
+    if r := ok.get("qlora"):
+        gib = (r.get("peak_reserved_gb") or r["peak_mem_gb"]) + CUDA_CONTEXT_GB
+        lines.append(f"qlora ({r['variant']}): ~{gib:.1f} GiB with the CUDA context, {r['samples_per_s']:.3f} "
+                     f"samples/s, target <= {QLORA_BUDGET_GIB:g} GiB: " + ("met" if gib <= QLORA_BUDGET_GIB
+                                                                           else "NOT met"))
     if estimate:
         for r in ok.values():
             row = estimate.get("memory", {}).get(ESTIMATE_ROWS.get(r["variant"], ""), None)

@@ -90,7 +90,7 @@ def test_counting_collator_predicts_the_kv_shared_shortcut(bench):
 
 
 # three training subprocesses (DeepSpeed, 8-bit AdamW) on CPU: ~35 s on 2 idle cores (much longer if they are busy)
-def test_tiny_benchmark_runs_all_three_configurations(tmp_path):
+def test_tiny_benchmark_runs_all_four_configurations(tmp_path):
     out, est_out = tmp_path / "bench.json", tmp_path / "estimate.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
@@ -100,7 +100,9 @@ def test_tiny_benchmark_runs_all_three_configurations(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = {r["configuration"]: r for r in json.loads(out.read_text())}
-    assert set(records) == {"reference", "fastest", "lowmem"}
+    assert set(records) == {"reference", "fastest", "lowmem", "qlora"}
+    assert records["qlora"]["load_in_4bit"] and records["qlora"]["linears_4bit"] > 0
+    assert not records["reference"]["load_in_4bit"] and records["reference"]["linears_4bit"] == 0
     for r in records.values():
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0
         assert math.isfinite(r["loss"]) and r["flops_per_sample"] > 0 and r["steps"] == 2
@@ -112,6 +114,31 @@ def test_tiny_benchmark_runs_all_three_configurations(tmp_path):
     est = json.loads(est_out.read_text())
     assert 7.85e9 < est["parameters_total"] < 8.05e9
     assert est["target"]["samples_per_s"] == pytest.approx(5 * 1.859)
+
+
+def test_random_weights_are_quantized_as_transformers_quantizes_a_checkpoint(bench):
+    """The benchmark's 4-bit E4B has no checkpoint to load; its hand quantization must pick the same layers as
+    `load_model(..., load_in_4bit=True)` (transformers' bitsandbytes path), and peft must wrap them as 4-bit LoRA."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from actionft.modeling import load_model
+    from actionft.train import lora_target_regex
+
+    def four_bit(model):
+        return {name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    reference = four_bit(load_model("tiny", load_in_4bit=True))
+    model = load_model("tiny")
+    n = bench.quantize_text_linears(model, torch.float32)
+    assert n == len(reference) > 0 and four_bit(model) == reference
+    assert all(".language_model." in name for name in reference)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_regex(["q_proj", "down_proj"])))
+    wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLinear4bit)]
+    assert len(wrapped) == 2 * model.config.text_config.num_hidden_layers
+    x = torch.randint(0, 100, (1, 8))
+    assert torch.isfinite(peft_model(input_ids=x).logits).all()
 
 
 def test_dry_run_e4b_needs_no_gpu():

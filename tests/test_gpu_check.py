@@ -56,6 +56,32 @@ def test_bundle_size_check_fails_without_the_wheels(bundle, tmp_path, capsys):
     assert "too large" in capsys.readouterr().err
 
 
+def test_trimmed_wheel_keeps_the_named_libraries_and_a_record_of_what_it_holds(bundle, tmp_path):
+    import hashlib
+    import zipfile
+
+    source = tmp_path / "orig" / "pkg-1.0-py3-none-manylinux_2_24_x86_64.whl"
+    source.parent.mkdir()
+    files = {"pkg/__init__.py": b"x = 1\n", "pkg/libpkg_cpu.so": b"cpu", "pkg/libpkg_cuda118.so": b"old" * 100,
+             "pkg/libpkg_cuda130.so": b"13.0", "pkg/libpkg_cuda132.so": b"13.2", "pkg/libpkg_rocm72.so": b"rocm"}
+    record = "".join(f"{name},sha256={hashlib.sha256(data).hexdigest()},{len(data)}\n" for name, data in files.items())
+    with zipfile.ZipFile(source, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("pkg-1.0.dist-info/RECORD", record + "pkg-1.0.dist-info/RECORD,,\n")
+    out = tmp_path / source.name
+    info = bundle.trim_wheel(source, out, ("libpkg_cpu", "libpkg_cuda13"))
+    held = set(zipfile.ZipFile(out).namelist())
+    assert held == {"pkg/__init__.py", "pkg/libpkg_cpu.so", "pkg/libpkg_cuda130.so", "pkg/libpkg_cuda132.so",
+                    "pkg-1.0.dist-info/RECORD"}
+    listed = {line.split(",")[0] for line in zipfile.ZipFile(out).read("pkg-1.0.dist-info/RECORD").decode().split()}
+    assert listed == held
+    assert info["dropped"] == ["pkg/libpkg_cuda118.so", "pkg/libpkg_rocm72.so"]
+    assert info["original_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    # the real bitsandbytes wheel: the CPU library and those for the GPU machine's CUDA 13 stay
+    assert bundle.KEEP_NATIVE["bitsandbytes"] == ("libbitsandbytes_cpu", "libbitsandbytes_cuda13")
+
+
 def test_without_deepspeed_and_bitsandbytes_the_run_says_what_it_used(bench, monkeypatch):
     monkeypatch.setattr(bench, "importable", lambda name: f"ModuleNotFoundError: No module named '{name}'")
     params, notes = bench.fit_to_machine({**bench.COMMON, "deepspeed": bench.ZERO2})
@@ -93,7 +119,7 @@ def test_budget_too_small_skips_every_variant_and_still_writes_records(tmp_path)
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 1 and "no variant was measured" in proc.stderr
     recs = json.loads(out.read_text())
-    assert [r["configuration"] for r in recs] == ["reference", "fastest", "lowmem"]
+    assert [r["configuration"] for r in recs] == ["reference", "fastest", "lowmem", "qlora"]
     assert all(r["skipped"].startswith("time budget") for r in recs)
     assert md.read_text().startswith("| configuration |")
 
@@ -118,9 +144,19 @@ def _write(out: Path, recs: list[dict]) -> Path:
     return out
 
 
+QLORA = {"load_in_4bit": True, "linears_4bit": 294}
+NO_BNB = {"configuration": "qlora", "variant": "v", "skipped": "bitsandbytes unavailable (x): a 4-bit base needs it"}
+
+
 def test_checker_accepts_a_complete_run_and_names_what_is_wrong(records, tmp_path):
-    good = _write(tmp_path / "good", [_record(c) for c in ("reference", "fastest", "lowmem")])
+    three = [_record(c) for c in ("reference", "fastest", "lowmem")]
+    good = _write(tmp_path / "good", three + [_record("qlora", **QLORA)])
     assert records.check(good, None) == []
+    # without bitsandbytes in the bundle, a qlora record that says why it was skipped is the right one
+    assert records.check(_write(tmp_path / "no_bnb", three + [NO_BNB]), None) == []
+    assert any(p.startswith("qlora: not measured") for p in records.check(_write(tmp_path / "no_qlora", three), None))
+    not_4bit = _write(tmp_path / "not_4bit", [_record(c) for c in ("reference", "fastest", "lowmem", "qlora")])
+    assert any("qlora: the base was not 4-bit" in p for p in records.check(not_4bit, None))
     bad = _write(tmp_path / "bad", [_record("reference", zero_stage=2, substitutions=[]),
                                     {"configuration": "fastest", "variant": "v", "error": "CUDA out of memory"},
                                     _record("lowmem", sdpa_backend_full_attention=[])])
@@ -133,7 +169,8 @@ def test_checker_accepts_a_complete_run_and_names_what_is_wrong(records, tmp_pat
 def test_merge_adds_the_run_once_and_judges_the_targets(records, tmp_path):
     out = _write(tmp_path / "run", [_record("reference", samples_per_s=2.0),
                                     _record("fastest", samples_per_s=10.0, peak_reserved_gb=60.0),
-                                    _record("lowmem", samples_per_s=1.9, peak_reserved_gb=20.0)])
+                                    _record("lowmem", samples_per_s=1.9, peak_reserved_gb=20.0),
+                                    _record("qlora", samples_per_s=1.0, peak_reserved_gb=10.5, **QLORA)])
     into = tmp_path / "benchmarks.json"
     run = records.merge(out, into, None)
     records.merge(out, into, None)
@@ -141,3 +178,4 @@ def test_merge_adds_the_run_once_and_judges_the_targets(records, tmp_path):
     assert run["verdicts"][0].endswith("target >= 9.29: met")
     assert any("met by lowmem" in v for v in run["verdicts"])
     assert not any("met by fastest" in v for v in run["verdicts"])
+    assert any(v.startswith("qlora (v): ~11.5 GiB") and v.endswith("<= 12 GiB: met") for v in run["verdicts"])
