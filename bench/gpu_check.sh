@@ -80,7 +80,8 @@ fi
 echo "gpu_check: installed ${#wheels[@]} wheel(s) from $BUNDLE/ in $(( $(date +%s) - started )) s"
 export PYTHONPATH="$SITE:$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-smoke="import transformers, peft, accelerate; from transformers import Gemma4ForConditionalGeneration, Trainer"
+# actionft first: importing it silences known harmless library messages (bitsandbytes speaks as peft imports it)
+smoke="import actionft, transformers, peft, accelerate; from transformers import Gemma4ForConditionalGeneration, Trainer"
 if ! "$PY" -c "$smoke"; then
     # the bundled hub may need what the machine lacks: let the machine's own hub serve, and say so
     echo "gpu_check: the bundle does not import as installed; retrying with the machine's own huggingface_hub"
