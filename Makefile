@@ -39,7 +39,7 @@ lab: setup  ## JupyterLab at the repository root, opened on notebooks/, with the
 smoke-e4b: $(STAMP)  ## the reference recipe at E4B's full width (reduced depth, random weights) on the Kinetics-3K sample, on CPU (~4 min)
 	$(BIN)/python -m pytest tests/test_smoke_e4b.py -m smoke -s -q
 
-qlora-demo: $(STAMP)  ## the embedded run on a 4-bit base: train, evaluate on the full-precision base, check top-1 (30-60 min)
+qlora-demo: $(STAMP)  ## the embedded run on a 4-bit base: train, evaluate on the full-precision base, check top-1 (15-40 min)
 	$(BIN)/python -m pytest tests/test_qlora_demo.py -m qlora -s -q
 
 bench: $(STAMP)  ## training throughput benchmark (tiny model on CPU; the real E4B architecture on a GPU)

@@ -1,7 +1,8 @@
 """The embedded run on a 4-bit base (QLoRA): it learns, and its adapter serves on the full-precision base.
 
-`make qlora-demo` (by hand, not part of `make test`: the 4-bit layers run bitsandbytes' generic CPU path, about ten
-times slower than the fp32 run, so the 500 steps take 30-60 minutes on 2 CPU cores). It runs what the README tells a
+`make qlora-demo` (by hand, not part of `make test`: the 4-bit layers run bitsandbytes' generic CPU path, about
+twice as slow as the fp32 run on a quiet machine and more on a busy one, so the 500 steps take 12-40 minutes on 2 CPU
+cores). It runs what the README tells a
 user to run: `actionft train --params params/tiny_qlora.yaml`, then `actionft evaluate` with that adapter on the
 unquantized tiny base, into outputs/tiny_qlora/ (replaced), and checks held-out top-1 against chance.
 """
