@@ -67,13 +67,13 @@ def check(out: Path, bundle: Path | None) -> list[str]:
         return problems
     records, env = load(out)
     by_config = {r["configuration"]: r for r in records if "skipped" not in r}
-    bundle_bnb = bundle is not None and bundle.is_dir() and "bitsandbytes" in wheel_versions(bundle)
+    bundled = wheel_versions(bundle) if bundle is not None and bundle.is_dir() else {}
     for name in CONFIGURATIONS:
         r = by_config.get(name)
         if r is None:
             why = [x.get("skipped") for x in records if x["configuration"] == name]
             # a 4-bit base needs bitsandbytes: without it in the bundle, saying so is the right record
-            if name == "qlora" and why and not bundle_bnb and all("bitsandbytes unavailable" in w for w in why):
+            if name == "qlora" and why and "bitsandbytes" not in bundled and all("bitsandbytes unavailable" in w for w in why):
                 continue
             problems.append(f"{name}: not measured ({why})")
             continue
@@ -98,10 +98,9 @@ def check(out: Path, bundle: Path | None) -> list[str]:
         if "8bit" in r.get("requested_optim", "") and packages.get("bitsandbytes") is None:
             if r.get("optimizer") == r["requested_optim"] or not any("bitsandbytes" in s for s in r["substitutions"]):
                 problems.append(f"{name}: bitsandbytes is absent but the record does not say which optimizer ran")
-        if bundle is not None and bundle.is_dir():
-            for package, version in wheel_versions(bundle).items():
-                if package in packages and packages[package] != version:
-                    problems.append(f"{name}: ran with {package} {packages.get(package)}, the bundle holds {version}")
+        for package, version in bundled.items():
+            if package in packages and packages[package] != version:
+                problems.append(f"{name}: ran with {package} {packages.get(package)}, the bundle holds {version}")
     if not (out / "gpu_check.md").read_text().count("| reference |"):
         problems.append(f"{out / 'gpu_check.md'} has no reference row")
     if env.get("device") is None or "packages" not in env:
