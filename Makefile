@@ -29,7 +29,7 @@ demo: $(STAMP)  ## the main job on the embedded default: notebooks in order, exe
 
 # The notebooks first: the browser test then opens 05 with the adapter that 04 trained.
 test: setup  ## every notebook re-executed by nbval + unit tests + the notebooks in JupyterLab
-	$(BIN)/python -m pytest notebooks tests -m "not smoke and not qlora" --nbval-lax --nbval-current-env
+	$(BIN)/python -m pytest notebooks tests -m "not smoke and not qlora" --nbval-lax --nbval-current-env --durations=15
 
 # tests/test_browser.py starts JupyterLab with these same arguments
 LAB_ARGS := --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
