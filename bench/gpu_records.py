@@ -73,7 +73,8 @@ def check(out: Path, bundle: Path | None) -> list[str]:
         if r is None:
             why = [x.get("skipped") for x in records if x["configuration"] == name]
             # a 4-bit base needs bitsandbytes: without it in the bundle, saying so is the right record
-            if name == "qlora" and why and "bitsandbytes" not in bundled and all("bitsandbytes unavailable" in w for w in why):
+            skipped_for_bnb = all("bitsandbytes unavailable" in w for w in why)
+            if name == "qlora" and why and "bitsandbytes" not in bundled and skipped_for_bnb:
                 continue
             problems.append(f"{name}: not measured ({why})")
             continue
