@@ -354,6 +354,11 @@ def test_loss_is_the_same_for_micro_batch_1_x_8_and_8_x_1(loss_runs):
     for step in ga:
         assert ga[step] == pytest.approx(gb[step], rel=1e-3), (step, ga, gb)
     assert la[LOSS_STEPS] < la[1] - 0.05  # and the runs learn: these are not 6 copies of one number
+    # every step sees the same 8 clips: from step 2 on, the frozen vision tower's outputs come from its cache
+    for run in (a, b):
+        cache = json.loads((run["run_dir"] / "train_summary.json").read_text())["vision_cache"]
+        assert cache["frames_computed"] + cache["frames_reused"] == LOSS_STEPS * 8 * 4
+        assert cache["frames_computed"] <= 8 * 4 and cache["frames_kept"] == cache["frames_computed"]
 
 
 @pytest.mark.slow
@@ -573,6 +578,7 @@ def test_notebook_style_deepspeed_run(data, zero):
     result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert result["engine"] == "DeepSpeedEngine" and result["world_size"] == "1"
     assert result["zero_stage"] == int(zero[-1])
+    assert ("vision_cache" in result) == (zero == "zero2")  # ZeRO-3 partitions the tower: no cache
     check_two_step_run(data.outputs / name, 1, settings)
 
 

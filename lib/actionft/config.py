@@ -118,6 +118,9 @@ class TrainingSection(_Section):
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(50, ge=1)
     dataloader_num_workers: int = Field(0, ge=0)
+    # CPU memory per process for the frozen vision tower's outputs, reused from the second epoch on (0: recompute
+    # every step); see actionft.vision_cache. The reference run's 12,460 frames take 4.6 GiB in bf16.
+    vision_cache_gb: float = Field(8.0, ge=0.0)
     seed: int = 42
     deepspeed: str | None = "params/deepspeed/zero2.json"
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or "latest"

@@ -476,7 +476,15 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
         eval_dataset=SampleDataset(splits["val"]) if splits["val"] else None, cfg=cfg,
         callbacks=tensorboard_callbacks(cfg, out),
     )
-    info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor, "resume": resume}
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from actionft import vision_cache
+
+    cache, line = vision_cache.install(model, cfg, zero_stage=3 if is_deepspeed_zero3_enabled() else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line)
+    info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor, "resume": resume,
+            "vision_cache": cache}
     return trainer, info
 
 
@@ -627,6 +635,9 @@ def fit(trainer, info: dict[str, Any]) -> dict[str, Any]:
         "optimizer": optimizer_chain(trainer.optimizer),
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
     }
+    if cache := info.get("vision_cache"):
+        summary["vision_cache"] = cache.stats()
+        cache.remove()
     if trainer.is_world_process_zero():
         info["processor"].save_pretrained(str(adapter_dir))
         trainer.state.save_to_json(str(out / "trainer_state.json"))
