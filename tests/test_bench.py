@@ -67,6 +67,7 @@ def test_e4b_estimate_is_sane(bench):
     ref = mem["reference (b1 x 8, ckpt, ZeRO-2, full logits)"]["total_gib"]
     low = mem["lowmem (b1 x 8, ckpt, supervised-only logits)"]["total_gib"]
     assert 14 < low < ref < 24
+    assert est["target"]["samples_per_s"] == pytest.approx(5 * 1.859)  # 5x the reference's throughput
 
 
 def test_counting_collator_predicts_the_kv_shared_shortcut(bench):
@@ -91,11 +92,11 @@ def test_counting_collator_predicts_the_kv_shared_shortcut(bench):
 
 # three training subprocesses (DeepSpeed, 8-bit AdamW) on CPU: ~35 s on 2 idle cores (much longer if they are busy)
 def test_tiny_benchmark_runs_all_four_configurations(tmp_path):
-    out, est_out = tmp_path / "bench.json", tmp_path / "estimate.json"
+    out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
+    proc = subprocess.run(  # the E4B estimate printed before the runs has its own test (test_e4b_estimate_is_sane)
         [sys.executable, str(SCRIPT), "--mode", "tiny", "--steps", "2", "--warmup", "1", "--max-soft-tokens", "70",
-         "--out", str(out), "--estimate-out", str(est_out)],
+         "--out", str(out), "--no-estimate"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -111,9 +112,6 @@ def test_tiny_benchmark_runs_all_four_configurations(tmp_path):
     assert records["fastest"]["kv_shared_positions"][0] < 100  # left padded micro-batch 8: prompt skipped
     assert records["reference"]["flops_per_sample"] > records["fastest"]["flops_per_sample"]
     assert "| reference |" in proc.stdout
-    est = json.loads(est_out.read_text())
-    assert 7.85e9 < est["parameters_total"] < 8.05e9
-    assert est["target"]["samples_per_s"] == pytest.approx(5 * 1.859)
 
 
 def test_random_weights_are_quantized_as_transformers_quantizes_a_checkpoint(bench):
