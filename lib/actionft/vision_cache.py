@@ -2,7 +2,7 @@
 
 With the tower frozen (`image_encoder_lr` 0, as in the reference run) and free of dropout, its output for a frame
 depends on that frame's pixels alone, so recomputing it each epoch is wasted work: on the tiny model it is about a
-third of a training step on a CPU. `install` wraps the tower's `forward`: each frame is keyed by a digest of its
+quarter of a training step on a CPU (bench/bench_vision_cache.py). `install` wraps the tower's `forward`: each frame is keyed by a digest of its
 pixel values and patch positions, its output is kept on the CPU (up to `vision_cache_gb`), and the tower runs only
 on frames it has not seen. The text model, the projector (`embed_vision`) and everything trainable run as before.
 
