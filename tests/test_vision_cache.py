@@ -130,3 +130,18 @@ def test_the_cache_is_on_only_where_reusing_is_exact():
         assert "dropout" in why_not(frozen, cfg, None)
     finally:
         find_tower(frozen).config.attention_dropout = 0.0
+
+
+def test_an_output_it_cannot_split_per_frame_turns_the_cache_off(model, batches):
+    """A tower whose output does not hold (valid patches / pooling^2) rows per frame is never cached from."""
+    expected = image_features(model, batches[0])
+    cache = VisionCache(find_tower(model), max_bytes=2**30)
+    cache.pool += 1  # what a tower with another pooling would look like to the cache
+    try:
+        got = [image_features(model, batches[0]) for _ in range(2)]
+        stats = cache.stats()
+    finally:
+        cache.remove()
+    for g in got:
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-5)
+    assert stats["bypassed"] and stats["frames_kept"] == 0 and stats["frames_reused"] == 0

@@ -84,6 +84,7 @@ class VisionCache:
         self.hits = 0
         self.computed = 0
         self.full = False
+        self.layout_unknown = False  # set when the tower's output cannot be split per frame: then always bypassed
         self._forward = tower.forward
         tower.forward = self.forward
 
@@ -97,7 +98,7 @@ class VisionCache:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         wants_more = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-        if wants_more or not torch.is_tensor(pixel_values) or pixel_values.dim() != 3:
+        if wants_more or self.layout_unknown or not torch.is_tensor(pixel_values) or pixel_values.dim() != 3:
             return self._forward(pixel_values=pixel_values, pixel_position_ids=pixel_position_ids, **kwargs)
         keys = frame_digests(pixel_values, pixel_position_ids)
         todo = list(dict.fromkeys(k for k in keys if k not in self.store))  # once each, in order
@@ -109,6 +110,7 @@ class VisionCache:
             hidden = self._forward(pixel_values=pv, pixel_position_ids=pos, **kwargs).last_hidden_state
             sizes = ((pos != -1).all(-1).sum(-1) // self.pool).tolist()
             if sum(sizes) != hidden.shape[0]:  # not the layout this cache knows: compute everything, keep nothing
+                self.layout_unknown = True
                 return self._forward(pixel_values=pixel_values, pixel_position_ids=pixel_position_ids, **kwargs)
             self.computed += len(todo)
             for key, part in zip(todo, hidden.detach().split(sizes)):
@@ -125,7 +127,7 @@ class VisionCache:
 
     def stats(self) -> dict[str, Any]:
         return {"frames_kept": len(self.store), "frames_computed": self.computed, "frames_reused": self.hits,
-                "mib": round(self.bytes / 2**20, 1), "full": self.full}
+                "mib": round(self.bytes / 2**20, 1), "full": self.full, "bypassed": self.layout_unknown}
 
 
 def why_not(model, cfg: dict[str, Any], zero_stage: int | None) -> str | None:
