@@ -55,7 +55,8 @@ def test_a_full_cache_keeps_serving_correct_features(model, batches):
     tower = find_tower(model)
     expected = image_features(model, batches[0])
     with torch.no_grad():
-        out = tower(pixel_values=batches[0]["pixel_values"][:1], pixel_position_ids=batches[0]["image_position_ids"][:1])
+        out = tower(pixel_values=batches[0]["pixel_values"][:1],
+                    pixel_position_ids=batches[0]["image_position_ids"][:1])
     one_frame = out.last_hidden_state.numel() * out.last_hidden_state.element_size()
     cache = VisionCache(tower, max_bytes=2 * one_frame)
     try:

@@ -2,9 +2,10 @@
 
 With the tower frozen (`image_encoder_lr` 0, as in the reference run) and free of dropout, its output for a frame
 depends on that frame's pixels alone, so recomputing it each epoch is wasted work: on the tiny model it is about a
-quarter of a training step on a CPU (bench/bench_vision_cache.py). `install` wraps the tower's `forward`: each frame is keyed by a digest of its
-pixel values and patch positions, its output is kept on the CPU (up to `vision_cache_gb`), and the tower runs only
-on frames it has not seen. The text model, the projector (`embed_vision`) and everything trainable run as before.
+quarter of a training step on a CPU (bench/bench_vision_cache.py). `install` wraps the tower's `forward`: each frame
+is keyed by a digest of its pixel values and patch positions, its output is kept on the CPU (up to
+`vision_cache_gb`), and the tower runs only on frames it has not seen. The text model, the projector
+(`embed_vision`) and everything trainable run as before.
 
 Off when the tower trains, has active dropout, or is partitioned by ZeRO-3 (its parameters are gathered by hooks
 that a skipped forward would leave out of DeepSpeed's trace).
@@ -17,13 +18,13 @@ from typing import Any
 
 import torch
 
-# 2 x 64-bit random linear fingerprints of a frame's bits, computed where the tensor lives (no copy to the host);
-# integer sums wrap exactly, so a frame gets the same key in any batch.
-_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
-
-
 def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+# Off the CPU, a frame's key is 2 x 64-bit random linear fingerprints of its bits, computed where the tensor lives (no
+# copy to the host); integer sums wrap exactly, in any order, so a frame gets the same key in any batch.
+_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def _weights(n: int, device: torch.device) -> torch.Tensor:
@@ -154,4 +155,5 @@ def install(model, cfg: dict[str, Any], zero_stage: int | None = None) -> tuple[
     if reason is not None:
         return None, f"vision cache off: {reason}"
     cache = VisionCache(find_tower(model), int(cfg["vision_cache_gb"] * 2**30))
-    return cache, f"vision cache on: the frozen tower's outputs are kept on the CPU (up to {cfg['vision_cache_gb']:g} GiB)"
+    gib = cfg["vision_cache_gb"]
+    return cache, f"vision cache on: the frozen tower's outputs are kept on the CPU (up to {gib:g} GiB)"
