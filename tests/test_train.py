@@ -555,6 +555,19 @@ def test_two_process_launch_on_cpu(data, launcher):
         assert "dist_world_size=2" in tail(proc, 10**6)
 
 
+def test_deepspeed_builds_no_shared_memory_op_on_cpu(monkeypatch):
+    """Training on a CPU marks DeepSpeed's shared-memory all-reduce op unavailable, so that DeepSpeed's own
+    `build_shm_op` (called when its process group starts) returns None instead of compiling it (45 s here)."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+
+    from actionft.train import skip_deepspeed_shm_op
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # restored afterwards
+    skip_deepspeed_shm_op()
+    assert build_shm_op() is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_notebook_style_deepspeed_run(data, zero):

@@ -381,6 +381,19 @@ def ensure_distributed_env() -> None:
                        "WORLD_SIZE": "1"})
 
 
+def skip_deepspeed_shm_op() -> None:
+    """On a CPU, DeepSpeed compiles its shared-memory all-reduce op (`deepspeed_shm_comm`) when its first process
+    group starts: 45 s on 2 cores, and again in every new environment. The op only speeds up all-reduce between
+    processes on the CPUs of one machine (GPUs use NCCL); marked unavailable, DeepSpeed reduces through gloo."""
+    if torch.cuda.is_available():
+        return
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
     from transformers import TrainingArguments
 
@@ -395,6 +408,7 @@ def training_arguments(cfg: dict[str, Any], out: Path, n_eval: int):
         from actionft import quiet
 
         quiet.probe_deepspeed_ops()  # before the Trainer: keeps DeepSpeed's libaio link test out of notebooks
+        skip_deepspeed_shm_op()
     eval_steps = cfg["eval_steps"] or cfg["save_steps"]
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
