@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,12 +36,14 @@ def run(out_root: Path, name: str, steps: int, cache_gb: float) -> dict:
     run_dir = out_root / name
     summary = json.loads((run_dir / "train_summary.json").read_text())
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
-    per_epoch = summary["train_samples"] // 8  # batch 8 x 1 in params/tiny.yaml
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    batch, every = summary["effective_batch"], cfg["logging_steps"]
+    per_epoch = math.ceil(summary["train_samples"] / batch)
     # samples_per_s is logged every logging_steps over the steps since the last log; keep the windows after epoch 1
-    later = [h for h in history if "samples_per_s" in h and h["step"] > per_epoch + 10]
-    seconds = sum(10 * 8 / h["samples_per_s"] for h in later)
-    return {"name": name, "run_s": summary["train_runtime_s"], "later_steps": 10 * len(later),
-            "later_s_per_step": seconds / (10 * len(later)) if later else float("nan"),
+    later = [h for h in history if "samples_per_s" in h and h["step"] > per_epoch + every]
+    seconds = sum(every * batch / h["samples_per_s"] for h in later)
+    return {"name": name, "run_s": summary["train_runtime_s"], "later_steps": every * len(later),
+            "later_s_per_step": seconds / (every * len(later)) if later else float("nan"),
             "final_loss": [h["loss"] for h in history if "loss" in h][-1], "cache": summary.get("vision_cache")}
 
 
