@@ -494,7 +494,7 @@ def prepare(params: dict[str, Any], model=None, progress: bool = True):
 
     from actionft import vision_cache
 
-    cache, line = vision_cache.install(model, cfg, zero_stage=3 if is_deepspeed_zero3_enabled() else None)
+    cache, line = vision_cache.install(model, cfg, zero3=is_deepspeed_zero3_enabled())
     if int(os.environ.get("RANK", "0")) == 0:
         print(line)
     info = {"cfg": cfg, "run_dir": out, "splits": splits, "processor": processor, "resume": resume,

@@ -102,11 +102,13 @@ class VisionCache:
         if wants_more or self.layout_unknown or not torch.is_tensor(pixel_values) or pixel_values.dim() != 3:
             return self._forward(pixel_values=pixel_values, pixel_position_ids=pixel_position_ids, **kwargs)
         keys = frame_digests(pixel_values, pixel_position_ids)
-        todo = list(dict.fromkeys(k for k in keys if k not in self.store))  # once each, in order
+        todo: dict[bytes, int] = {}  # frames to compute -> their first row in this batch
+        for i, key in enumerate(keys):
+            if key not in self.store and key not in todo:
+                todo[key] = i
         fresh: dict[bytes, torch.Tensor] = {}
         if todo:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            idx = torch.tensor([first[k] for k in todo], device=pixel_values.device)
+            idx = torch.tensor(list(todo.values()), device=pixel_values.device)
             pv, pos = pixel_values.index_select(0, idx), pixel_position_ids.index_select(0, idx)
             hidden = self._forward(pixel_values=pv, pixel_position_ids=pos, **kwargs).last_hidden_state
             sizes = ((pos != -1).all(-1).sum(-1) // self.pool).tolist()
@@ -131,7 +133,7 @@ class VisionCache:
                 "mib": round(self.bytes / 2**20, 1), "full": self.full, "bypassed": self.layout_unknown}
 
 
-def why_not(model, cfg: dict[str, Any], zero_stage: int | None) -> str | None:
+def why_not(model, cfg: dict[str, Any], zero3: bool = False) -> str | None:
     """Why the tower's outputs cannot be reused in this run, or None when they can."""
     found = towers(model)
     if cfg.get("vision_cache_gb", 0) <= 0:
@@ -144,14 +146,14 @@ def why_not(model, cfg: dict[str, Any], zero_stage: int | None) -> str | None:
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in tower.modules()) or getattr(
             tower.config, "attention_dropout", 0.0):
         return "the vision tower has dropout"
-    if zero_stage == 3:
+    if zero3:
         return "ZeRO-3 partitions the vision tower"
     return None
 
 
-def install(model, cfg: dict[str, Any], zero_stage: int | None = None) -> tuple[VisionCache | None, str]:
+def install(model, cfg: dict[str, Any], zero3: bool = False) -> tuple[VisionCache | None, str]:
     """Wrap the frozen vision tower of `model` when the run allows it; returns (cache or None, a one-line reason)."""
-    reason = why_not(model, cfg, zero_stage)
+    reason = why_not(model, cfg, zero3)
     if reason is not None:
         return None, f"vision cache off: {reason}"
     cache = VisionCache(find_tower(model), int(cfg["vision_cache_gb"] * 2**30))
